@@ -1,0 +1,297 @@
+"""
+Data sets, each held in memory as ONE tensor; training draws batches by index.
+
+Batches are a pure function of (seed, step) via batch_indices(), which gives exact resume and identical
+batches on every DDP rank (each rank then takes its own slice).
+
+Images: load_data returns uint8 (N, C, H, W); to_model_space maps to float32 in [-1, 1].
+Toy sets: load_data returns float32 (N, D), drawn from sample_toy with a generator seeded by `seed`.
+Toy definitions (the 2-D sets lie roughly within [-3, 3], as in common 2-D diffusion/flow demos):
+  8gaussians   : equal mixture of 8 isotropic Gaussians, means at radius 2 on angles k*pi/4, std 0.1.
+  swissroll    : t ~ U[1.5pi, 4.5pi], (t cos t, t sin t) + N(0, 0.5^2), divided by 7 (about unit std).
+  moons        : two interleaved half circles (sklearn's make_moons layout) + N(0, 0.1^2),
+                 centred at (0.5, 0.25) and scaled by 1.4 (about unit std).
+  checkerboard : uniform on the 8 "black" unit squares of a 4x4 board covering [-2, 2]^2.
+  gmm10d       : 10-D equal mixture of 5 Gaussians N(mu_k, I); means mu_k ~ N(0, 4 I) drawn ONCE with
+                 torch.Generator seed 1234 (fixed, independent of `seed`). Used for the model-collapse
+                 protocol because E||x||^2 = mean_k ||mu_k||^2 + D is known exactly.
+"""
+
+import functools
+import glob
+import gzip
+import math
+import os
+import pickle
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DATASETS = ('cifar10', 'mnist', 'celeba64', 'imagenet32', 'folder',
+            '8gaussians', 'swissroll', 'moons', 'checkerboard', 'gmm10d')
+TOY = ('8gaussians', 'swissroll', 'moons', 'checkerboard', 'gmm10d')
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
+
+
+def is_toy(name):
+    return name in TOY
+
+
+def uses_flips(name):
+    """Random horizontal flips in training (DDPM used them on CIFAR-10 and CelebA)."""
+    return name in ('cifar10', 'celeba64', 'imagenet32', 'folder')
+
+
+def to_model_space(batch):
+    """uint8 images -> float32 in [-1, 1]; float input (toy data) -> float32 unchanged."""
+    if batch.dtype == torch.uint8:
+        return batch.float() / 127.5 - 1.0
+    return batch.float()
+
+
+def to_uint8(x):
+    """float images in [-1, 1] -> uint8 in [0, 255] (clamped, rounded)."""
+    return ((x.float() + 1.0) * 127.5).clamp(0, 255).round().to(torch.uint8)
+
+
+def data_shape(data):
+    """Per-example shape: (C, H, W) for images, (D,) for toy data."""
+    return tuple(data.shape[1:])
+
+
+# ----------------------------------------------------------------------------- batching
+
+@functools.lru_cache(maxsize=2)
+def _epoch_perm(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_indices(n, batch_size, step, seed):
+    """LongTensor (batch_size,) of example indices for global `step`: one random permutation per
+    epoch (without replacement), drop-last. Pure function of its arguments."""
+    if batch_size < 1 or batch_size > n:
+        raise ValueError(f"batch_size {batch_size} must be in [1, data set size {n}]: lower --batch-size")
+    bpe = n // batch_size
+    epoch, i = divmod(step, bpe)
+    return _epoch_perm(n, seed, epoch)[i * batch_size:(i + 1) * batch_size].clone()
+
+
+# ----------------------------------------------------------------------------- toy sets
+
+@functools.lru_cache(maxsize=1)
+def gmm10d_means():
+    """(5, 10) fixed component means of gmm10d, mu_k ~ N(0, 4 I) with seed 1234."""
+    return 2.0 * torch.randn(5, 10, generator=torch.Generator().manual_seed(1234))
+
+
+def sample_toy(name, n, generator=None):
+    """n fresh float32 draws (n, D) from the true toy distribution `name`."""
+    g = generator
+    if name == '8gaussians':
+        k = torch.randint(8, (n,), generator=g).float() * (math.pi / 4)
+        centers = 2.0 * torch.stack([k.cos(), k.sin()], 1)
+        return centers + 0.1 * torch.randn(n, 2, generator=g)
+    if name == 'swissroll':
+        t = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=g))
+        x = torch.stack([t * t.cos(), t * t.sin()], 1) + 0.5 * torch.randn(n, 2, generator=g)
+        return x / 7.0
+    if name == 'moons':
+        th = math.pi * torch.rand(n, generator=g)
+        lower = torch.randint(2, (n,), generator=g).bool()[:, None]
+        upper_arc = torch.stack([th.cos(), th.sin()], 1)
+        lower_arc = torch.stack([1 - th.cos(), 0.5 - th.sin()], 1)
+        x = torch.where(lower, lower_arc, upper_arc) + 0.1 * torch.randn(n, 2, generator=g)
+        return (x - torch.tensor([0.5, 0.25])) * 1.4
+    if name == 'checkerboard':
+        x1 = 4 * torch.rand(n, generator=g) - 2                      # column in [-2, 2)
+        x2 = torch.rand(n, generator=g) - 2 * torch.randint(2, (n,), generator=g).float()  # [-2,-1) or [0,1)
+        x2 = x2 + (torch.floor(x1) % 2)                              # shift odd columns up one square
+        return torch.stack([x1, x2], 1)
+    if name == 'gmm10d':
+        k = torch.randint(5, (n,), generator=g)
+        return gmm10d_means()[k] + torch.randn(n, 10, generator=g)
+    raise ValueError(f"unknown toy data set {name!r}; toy sets are {TOY}")
+
+
+@functools.lru_cache(maxsize=None)
+def toy_second_moment(name):
+    """E||x||^2 / D of the true distribution: analytic for gmm10d and 8gaussians, else Monte Carlo
+    (1e6 samples, fixed seed)."""
+    if name == 'gmm10d':
+        return float((gmm10d_means().pow(2).sum(1).mean() + 10) / 10)
+    if name == '8gaussians':
+        return (2.0 ** 2 + 2 * 0.1 ** 2) / 2
+    x = sample_toy(name, 1_000_000, torch.Generator().manual_seed(12345))
+    return float(x.pow(2).sum(1).mean() / x.shape[1])
+
+
+# ----------------------------------------------------------------------------- image helpers
+
+def _resize(x, size):
+    """uint8 (N, C, H, W) -> uint8 (N, C, size, size), antialiased bilinear; no-op at native size."""
+    if size is None or tuple(x.shape[-2:]) == (size, size):
+        return x
+    out = [F.interpolate(c.float(), size=(size, size), mode='bilinear', antialias=True, align_corners=False)
+           .round().clamp(0, 255).to(torch.uint8) for c in x.split(4096)]
+    return torch.cat(out)
+
+
+def _load_square(path, size, crop=None):
+    """One image file -> uint8 HWC numpy (size, size, 3): centre crop (`crop` or the short side), resize."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert('RGB')
+        w, h = im.size
+        c = crop or min(w, h)
+        left, top = (w - c) // 2, (h - c) // 2
+        im = im.crop((left, top, left + c, top + c)).resize((size, size), Image.BICUBIC)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def _stack_hwc(arrays):
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def _planar(rows):
+    """uint8 (N, 3072) CHW-planar rows -> uint8 tensor (N, 3, 32, 32)."""
+    return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.uint8).reshape(-1, 3, 32, 32))
+
+
+# ----------------------------------------------------------------------------- image data sets
+
+def _cifar_dir(data_dir):
+    for d in (data_dir, os.path.join(data_dir, 'cifar-10-batches-py')):
+        if os.path.isfile(os.path.join(d, 'data_batch_1')):
+            return d
+    return None
+
+
+def _load_cifar10(data_dir, download):
+    d = _cifar_dir(data_dir)
+    if d is None and download:
+        try:  # only used to fetch/extract; we read the pickles ourselves
+            import torchvision
+            torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
+        except Exception:
+            pass
+        d = _cifar_dir(data_dir)
+    if d is None:
+        how = " and could not be downloaded (offline?)" if download else " (download disabled)"
+        raise FileNotFoundError(f"CIFAR-10 not found under {data_dir}{how}: put the cifar-10-batches-py "
+                                f"folder there or pass --data-dir DIR")
+    rows = []
+    for i in range(1, 6):
+        with open(os.path.join(d, f'data_batch_{i}'), 'rb') as f:
+            rows.append(pickle.load(f, encoding='bytes')[b'data'])
+    return _planar(np.concatenate(rows))
+
+
+def _mnist_file(data_dir):
+    for d in (os.path.join(data_dir, 'MNIST', 'raw'), os.path.join(data_dir, 'raw'), data_dir):
+        for name in ('train-images-idx3-ubyte.gz', 'train-images-idx3-ubyte'):
+            if os.path.isfile(os.path.join(d, name)):
+                return os.path.join(d, name)
+    return None
+
+
+def _load_mnist(data_dir, download):
+    path = _mnist_file(data_dir)
+    if path is None and download:
+        try:
+            import torchvision
+            torchvision.datasets.MNIST(root=data_dir, train=True, download=True)
+        except Exception:
+            pass
+        path = _mnist_file(data_dir)
+    if path is None:
+        how = " and could not be downloaded (offline?)" if download else " (download disabled)"
+        raise FileNotFoundError(f"MNIST not found under {data_dir}{how}: put train-images-idx3-ubyte(.gz) in "
+                                f"{os.path.join(data_dir, 'MNIST', 'raw')} or pass --data-dir DIR")
+    with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
+        raw = f.read()
+    magic, n, h, w = np.frombuffer(raw[:16], dtype='>i4')
+    if magic != 2051:
+        raise ValueError(f"{path} is not an idx3 image file (magic {magic}, expected 2051)")
+    return torch.from_numpy(np.frombuffer(raw[16:], dtype=np.uint8).reshape(n, 1, h, w).copy())
+
+
+def _load_imagenet32(data_dir):
+    for d in (data_dir, os.path.join(data_dir, 'Imagenet32_train')):
+        paths = [p for i in range(1, 11) for p in (os.path.join(d, f'train_data_batch_{i}'),
+                                                   os.path.join(d, f'train_data_batch_{i}.npz'))
+                 if os.path.isfile(p)]
+        if paths:
+            break
+    else:
+        raise FileNotFoundError(f"ImageNet 32x32 not found under {data_dir} (no automatic download: registration "
+                                f"needed): get Imagenet32_train from image-net.org, put train_data_batch_1..10 there "
+                                f"or pass --data-dir DIR")
+    rows = []
+    for p in paths:
+        if p.endswith('.npz'):
+            rows.append(np.load(p)['data'])
+        else:
+            with open(p, 'rb') as f:
+                dct = pickle.load(f, encoding='latin1')
+            rows.append(dct['data'] if 'data' in dct else dct[b'data'])
+    return _planar(np.concatenate(rows))
+
+
+def _load_celeba64(data_dir):
+    """CelebA aligned 178x218 -> centre crop 140x140 -> 64x64 (as in DDIM and common practice).
+    Uses the official train split (list_eval_partition.txt) when present, else every image."""
+    cache = os.path.join(data_dir, 'celeba64_train.npy')
+    if os.path.isfile(cache):
+        return torch.from_numpy(np.load(cache))
+    for root in (data_dir, os.path.join(data_dir, 'celeba')):
+        img_dir = os.path.join(root, 'img_align_celeba')
+        files = sorted(glob.glob(os.path.join(img_dir, '*.jpg')))
+        if files:
+            break
+    else:
+        raise FileNotFoundError(f"CelebA not found under {data_dir} (no automatic download: Google Drive): put "
+                                f"img_align_celeba/*.jpg there or pass --data-dir DIR")
+    split = os.path.join(root, 'list_eval_partition.txt')
+    if os.path.isfile(split):
+        with open(split) as f:
+            train = {ln.split()[0] for ln in f if ln.split() and ln.split()[1] == '0'}
+        files = [p for p in files if os.path.basename(p) in train]
+    x = _stack_hwc([_load_square(p, 64, crop=140) for p in files]).numpy()
+    try:
+        np.save(cache, x)
+    except OSError:
+        pass  # read-only data dir: just decode again next time
+    return torch.from_numpy(x)
+
+
+def _load_folder(data_dir, image_size):
+    if image_size is None:
+        raise ValueError("data set 'folder' needs an image size: pass --image-size N")
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"image folder {data_dir} does not exist: pass --data-dir DIR")
+    files = sorted(p for p in glob.glob(os.path.join(data_dir, '**', '*'), recursive=True)
+                   if p.lower().endswith(IMAGE_EXTS))
+    if not files:
+        raise FileNotFoundError(f"no images ({'/'.join(e[1:] for e in IMAGE_EXTS)}) found under {data_dir}: "
+                                f"pass --data-dir DIR pointing at a folder of images")
+    return _stack_hwc([_load_square(p, image_size) for p in files])
+
+
+def load_data(name, data_dir='data', image_size=None, toy_n=50000, seed=0, download=True):
+    """The whole training set as one tensor: images uint8 (N, C, H, W), toy sets float32 (N, D)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    if is_toy(name):
+        return sample_toy(name, toy_n, torch.Generator().manual_seed(seed))
+    if name == 'folder':
+        return _load_folder(data_dir, image_size)
+    if name == 'cifar10':
+        x = _load_cifar10(data_dir, download)
+    elif name == 'mnist':
+        x = _load_mnist(data_dir, download)
+    elif name == 'imagenet32':
+        x = _load_imagenet32(data_dir)
+    else:
+        x = _load_celeba64(data_dir)
+    return _resize(x, image_size)

@@ -1,0 +1,131 @@
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA_ROOT = os.environ.get('DATA_ROOT', os.path.join(REPO, '..', 'shared', 'data'))
+CIFAR = os.path.join(DATA_ROOT, 'cifar-10-batches-py')
+need_cifar = pytest.mark.skipif(not os.path.isfile(os.path.join(CIFAR, 'data_batch_1')),
+                                reason=f"CIFAR-10 pickles not found in {CIFAR} (set DATA_ROOT)")
+need_mnist = pytest.mark.skipif(data._mnist_file(DATA_ROOT) is None,
+                                reason=f"MNIST idx files not found under {DATA_ROOT} (set DATA_ROOT)")
+
+
+@need_cifar
+def test_cifar10_real_copy():
+    x = data.load_data('cifar10', DATA_ROOT, download=False)
+    assert x.shape == (50000, 3, 32, 32) and x.dtype == torch.uint8
+    with open(os.path.join(CIFAR, 'data_batch_1'), 'rb') as f:
+        row = pickle.load(f, encoding='bytes')[b'data'][0]
+    assert torch.equal(x[0], torch.from_numpy(row.reshape(3, 32, 32)))   # CHW planar
+    x2 = data.load_data('cifar10', CIFAR, download=False)               # the folder itself
+    assert torch.equal(x[:100], x2[:100])
+    assert data.data_shape(x) == (3, 32, 32)
+
+
+@need_cifar
+def test_cifar10_resize():
+    x = data._resize(data.load_data('cifar10', DATA_ROOT, download=False)[:8], 16)
+    assert x.shape == (8, 3, 16, 16) and x.dtype == torch.uint8
+
+
+@need_mnist
+def test_mnist_real_copy():
+    x = data.load_data('mnist', DATA_ROOT, download=False)
+    assert x.shape == (60000, 1, 28, 28) and x.dtype == torch.uint8
+    assert abs(x.float().mean().item() - 33.3) < 0.2
+
+
+@pytest.mark.parametrize('name,word', [('cifar10', 'cifar-10-batches-py'), ('mnist', 'train-images'),
+                                       ('imagenet32', 'train_data_batch'), ('celeba64', 'img_align_celeba')])
+def test_missing_data_error(tmp_path, name, word):
+    with pytest.raises(FileNotFoundError) as e:
+        data.load_data(name, str(tmp_path), download=False)
+    msg = str(e.value)
+    assert str(tmp_path) in msg and word in msg and '--data-dir' in msg and '\n' not in msg
+
+
+def test_imagenet32_fake_files(tmp_path):
+    d = tmp_path / 'Imagenet32_train'
+    d.mkdir()
+    rows = np.arange(4 * 3072).astype(np.uint8).reshape(4, 3072)
+    with open(d / 'train_data_batch_1', 'wb') as f:
+        pickle.dump({'data': rows, 'labels': [0] * 4}, f)
+    np.savez(d / 'train_data_batch_2.npz', data=rows[:2])
+    x = data.load_data('imagenet32', str(tmp_path))
+    assert x.shape == (6, 3, 32, 32) and torch.equal(x[1], torch.from_numpy(rows[1].reshape(3, 32, 32)))
+
+
+def test_unknown_name():
+    with pytest.raises(ValueError, match='cifar10'):
+        data.load_data('svhn')
+
+
+def test_folder_loader(tmp_path):
+    from PIL import Image
+    (tmp_path / 'sub').mkdir()
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(40, 30), (20, 50), (33, 33)]):
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(tmp_path / ('sub' if i == 1 else '.') / f'im{i}.{["png", "jpg", "bmp"][i]}')
+    (tmp_path / 'notes.txt').write_text('not an image')
+    x = data.load_data('folder', str(tmp_path), image_size=16)
+    assert x.shape == (3, 3, 16, 16) and x.dtype == torch.uint8
+    with pytest.raises(ValueError, match='image-size'):
+        data.load_data('folder', str(tmp_path))
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match='no images'):
+        data.load_data('folder', str(empty), image_size=16)
+
+
+@pytest.mark.parametrize('name', data.TOY)
+def test_toy_sets(name):
+    x = data.load_data(name, toy_n=2000, seed=3)
+    d = 10 if name == 'gmm10d' else 2
+    assert x.shape == (2000, d) and x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert torch.equal(x, data.load_data(name, toy_n=2000, seed=3))
+    assert not torch.equal(x, data.load_data(name, toy_n=2000, seed=4))
+    assert data.data_shape(x) == (d,) and data.is_toy(name) and not data.uses_flips(name)
+    assert 0.1 < x.pow(2).mean().item() < 10   # roughly unit scale
+
+
+def test_toy_second_moments():
+    for name in ('gmm10d', '8gaussians'):
+        x = data.sample_toy(name, 200_000, torch.Generator().manual_seed(0))
+        emp = x.pow(2).sum(1).mean().item() / x.shape[1]
+        assert abs(emp / data.toy_second_moment(name) - 1) < 0.03
+    assert torch.equal(data.gmm10d_means(), data.gmm10d_means()) and data.gmm10d_means().shape == (5, 10)
+    x = data.sample_toy('checkerboard', 10000, torch.Generator().manual_seed(0))
+    assert ((x >= -2) & (x <= 2)).all() and ((x.floor().sum(1) % 2) == 0).all()  # only "black" squares
+
+
+def test_batch_indices():
+    n, b, seed = 103, 10, 7
+    bpe = n // b
+    a = [data.batch_indices(n, b, s, seed) for s in range(2 * bpe)]
+    assert all(t.shape == (b,) and t.dtype == torch.long for t in a)
+    assert all(torch.equal(t, data.batch_indices(n, b, s, seed)) for s, t in enumerate(a))
+    e0, e1 = torch.cat(a[:bpe]), torch.cat(a[bpe:])
+    assert len(set(e0.tolist())) == bpe * b and len(set(e1.tolist())) == bpe * b  # no repeats
+    assert e0.min() >= 0 and e0.max() < n and not torch.equal(e0, e1)
+    full = torch.cat([data.batch_indices(100, 10, s, 0) for s in range(10)])
+    assert torch.equal(full.sort().values, torch.arange(100))                       # each index once
+    assert not torch.equal(data.batch_indices(n, b, 0, seed), data.batch_indices(n, b, 0, seed + 1))
+    with pytest.raises(ValueError, match='batch'):
+        data.batch_indices(5, 10, 0, 0)
+
+
+def test_model_space_round_trip():
+    u = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    f = data.to_model_space(u)
+    assert f.dtype == torch.float32 and f.min() >= -1 and f.max() <= 1
+    assert torch.equal(data.to_uint8(f), u)
+    assert torch.equal(data.to_uint8(torch.tensor([-3.0, 3.0])), torch.tensor([0, 255], dtype=torch.uint8))
+    t = torch.randn(5, 2, dtype=torch.float64)
+    assert data.to_model_space(t).dtype == torch.float32 and torch.allclose(data.to_model_space(t).double(), t)

@@ -3,7 +3,8 @@
 - UNet: the DDPM CIFAR-10 U-Net family (Ho et al. 2020, original TF code), laid out so that the
   released diffusers weights (google/ddpm-cifar10-32) load exactly via load_diffusers_unet.
 - MLPDenoiser: a small MLP for 2-D / N-D toy data.
-Networks take the 0-based step index t in 0..T-1 (LongTensor (B,)); see notes/CONVENTIONS.md.
+Networks take the 0-based step index t in 0..T-1 (LongTensor (B,)); diffusion.py does the shift from the
+paper's t in 1..T.
 """
 import json
 import math

@@ -105,6 +105,10 @@ def check_config(cfg):
         bad('--resume continues a run; --init-from starts a new one: pass only one')
 
 
+def model_overrides(cfg):
+    return {} if cfg['dropout'] is None else dict(dropout=cfg['dropout'])
+
+
 # ---- checkpoints: one format, written atomically -------------------------------------------
 def save_checkpoint(path, **state):
     tmp = path + '.tmp'
@@ -128,7 +132,7 @@ def load_checkpoint(path, device='cpu', ema=True):
         try:
             ck = torch.load(file, map_location='cpu', weights_only=True)
             cfg = dict(ck['config'], data_shape=list(ck['data_shape']))
-            model = build_model(cfg['model'], tuple(ck['data_shape']), dropout=cfg['dropout'])
+            model = build_model(cfg['model'], tuple(ck['data_shape']), **model_overrides(cfg))
             model.load_state_dict(ck['ema' if ema else 'model'])
         except Exception as e:
             raise ValueError(f'{file} is not a readable checkpoint of this project ({e})') from None
@@ -193,20 +197,22 @@ def compute_loss(model, diff, x0, cfg, step, rank=0, world=1):
     else:
         extra = [randn_global(x0.shape[1:]) for _ in range(cfg['sa_k'] - 1)]
         nll = diff.loss_sa(model, x0, t, [noise] + extra, cfg['sa_lambda'])[0]
-    stats = dict(loss_nll=nll.item())
+    stats = dict(loss_nll=nll.detach())   # tensors: no device sync until the log line
     if not cfg['reg']:
         return nll, stats
-    # the regulariser (Sec. 5): one r and one k for the batch; its own per-rank generator
-    gr = torch.Generator(dev).manual_seed((cfg['seed'] * 1_000_003 + step) * 64 + rank + 1)
-    r = int(torch.randint(0, diff.T, (1,), generator=gr, device=dev))
-    k = int(torch.randint(1, cfg['reg_L'] + 1, (1,), generator=gr, device=dev))
+    # the regulariser (Sec. 5): one r and one k for the batch (drawn on the CPU: no sync);
+    # each rank has its own generator for the chain's noise
+    seed = (cfg['seed'] * 1_000_003 + step) * 64 + rank + 1
+    gc, gr = torch.Generator().manual_seed(seed), torch.Generator(dev).manual_seed(seed)
+    r = int(torch.randint(0, diff.T, (1,), generator=gc))               # r ~ U{0..T-1}
+    k = int(torch.randint(1, cfg['reg_L'] + 1, (1,), generator=gc))     # k ~ U{1..L}
     half = b // 2
     reg = consistency_reg(model, diff, x0[:half], x0[half:2 * half], r, k,
                           lambda shape: torch.randn(shape, generator=gr, device=dev),
                           cfg['reg_grad'], cfg['warm_start'], cfg['reg_kernel'], cfg['reg_stat'])
     w = reg_weight(r, diff.T, cfg['reg_rho'], cfg['reg_weight'], cfg['reg_norm'])   # Eq. (14)
     loss = cfg['lambda_nll'] * nll + cfg['lambda_reg'] * w * reg
-    stats.update(loss_reg=reg.item(), r=r, k=k, w=w)
+    stats.update(loss_reg=reg.detach(), r=r, k=k, w=w)
     return loss, stats
 
 
@@ -279,8 +285,7 @@ def main(argv=None):
     data = training_set(cfg).to(device)
     shape = D.data_shape(data)
     diff = Diffusion(cfg['T'], cfg['beta_1'], cfg['beta_T'], cfg['sigma'], device)
-    raw = build_model(cfg['model'], shape,
-                      **({} if cfg['dropout'] is None else dict(dropout=cfg['dropout'])))
+    raw = build_model(cfg['model'], shape, **model_overrides(cfg))
     if cfg['init_from']:   # fine-tuning: start (model and EMA) from trained weights
         raw.load_state_dict(load_checkpoint(cfg['init_from'])[0].state_dict())
     raw.to(device)
@@ -310,10 +315,9 @@ def main(argv=None):
                         rng=torch.get_rng_state())
 
     def preview():
-        g = torch.Generator(device).manual_seed(cfg['seed'])
-        with autocast:
-            s = diff.sample(ema, (cfg['n_preview'], *shape), generator=g, device=device)
-        save_preview(s.float(), D.to_model_space(data[:cfg['n_preview']]),
+        g = torch.Generator(device).manual_seed(cfg['seed'])   # fp32: no bf16 drift in the chain
+        s = diff.sample(ema, (cfg['n_preview'], *shape), generator=g, device=device)
+        save_preview(s, D.to_model_space(data[:cfg['n_preview']]),
                      os.path.join(out, f'samples_{step:07d}.png'))
 
     t_last, n_seen = time.time(), 0
@@ -339,13 +343,15 @@ def main(argv=None):
                 torch.cuda.synchronize()
             dt, t_last = time.time() - t_last, time.time()
             ips, eta = n_seen / dt, (cfg['max_steps'] - step) * dt / max(1, n_seen) * cfg['batch_size']
+            stats = {k: float(v) for k, v in stats.items()}
             rec = dict(step=step, loss=loss.item(), **stats, grad_norm=float(gnorm),
                        lr=opt.param_groups[0]['lr'], img_per_s=round(ips, 1))
             log.write(json.dumps(rec) + '\n')
             log.flush()
             extra = ''.join(f' | {k} {v:.4g}' for k, v in stats.items() if k != 'loss_nll')
             print(f"step {step}/{cfg['max_steps']} | loss {rec['loss']:.4f}{extra} | "
-                  f"{ips:.0f} img/s | eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+                  f"{ips:.0f} img/s | eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m"
+                  f"{int(eta % 60):02d}s", flush=True)
             n_seen = 0
         if master and (step % cfg['save_every'] == 0 or step == cfg['max_steps']):
             checkpoint()

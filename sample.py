@@ -2,7 +2,7 @@
 
     python sample.py --ckpt out/cifar10 --n 64 --grid samples.png
     python sample.py --ckpt out/cifar10 --n 50000 --npz samples.npz          # for FID
-    torchrun --nproc_per_node=8 sample.py --ckpt out/cifar10 --n 50000 --npz samples.npz
+    torchrun --nproc_per_node=8 sample.py --ckpt out/cifar10 --num-samples 50000 --npz samples.npz
 
 --npz writes uint8 NHWC images under key 'samples' (pytorch-fid / ADM layout) or, for vector
 data, float32 (N, D). --png-dir writes one PNG per image. Every file is written to a temporary
@@ -63,7 +63,8 @@ def save_png_dir(x, folder, start=0):
 def main(argv=None):
     p = argparse.ArgumentParser(description='Sample from a checkpoint.')
     p.add_argument('--ckpt', required=True, help='run folder, ckpt.pt, or diffusers DDPM folder')
-    p.add_argument('--n', type=int, default=64)
+    p.add_argument('--n', '--num-samples', dest='n', type=int, default=64,
+                   help='number of samples (--num-samples under torchrun, whose parser takes --n)')
     p.add_argument('--batch-size', type=int, default=256)
     p.add_argument('--sampler', choices=('ddpm', 'ddim'), default='ddpm')
     p.add_argument('--steps', type=int, default=100, help='DDIM steps')

@@ -1,0 +1,198 @@
+"""evaluate.py: the D_MMD(t) curve on tiny toy checkpoints, and the FID pipeline with a randomly
+initialised Inception (the real weights are a download; these tests check the plumbing, not FID
+values). Kept small for a shared 2-core CPU: Inception at 299x299 costs about 0.1-0.5 s per image
+there, and a 2048-d matrix square root tens of seconds, so FID numbers are checked on the 64-d
+first block (pytorch-fid's --dims 64) and the 2048-d network only for equality with pytorch-fid's.
+"""
+import json
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pytorch_fid import inception as I
+from pytorch_fid.fid_score import calculate_frechet_distance
+
+import evaluate as ev
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA_ROOT = os.environ.get('DATA_ROOT', os.path.join(REPO, '..', 'shared', 'data'))
+CIFAR1 = os.path.join(DATA_ROOT, 'cifar-10-batches-py', 'data_batch_1')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    # on a shared 2-core machine two OpenMP threads per process mostly spin-wait on each other
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope='module')
+def toy_runs(tmp_path_factory, one_thread):
+    """Two 8gaussians runs with T = 100: 'good' (200 steps) and 'bad' (3 steps, noise-like output).
+    beta_T = 0.2 so that abar_T ~ 5e-5: q(x_T) is N(0, I) as with the standard T = 1000."""
+    root = tmp_path_factory.mktemp('toy')
+    for name, steps in (('good', 200), ('bad', 3)):
+        train.main(['--dataset', '8gaussians', '--max-steps', str(steps), '--T', '100', '--beta-T', '0.2',
+                    '--toy-n', '2000', '--out-dir', str(root / name), '--log-every', '100',
+                    '--n-preview', '100', '--device', 'cpu'])
+    return str(root / 'good'), str(root / 'bad')
+
+
+def test_errprop(toy_runs, tmp_path, capsys):
+    good, bad = toy_runs
+    args = ['errprop', '--ckpt', good, bad, '--n', '200', '--m', '200', '--t-stride', '30',
+            '--seed', '3', '--device', 'cpu']
+    ev.main(args + ['--out', str(tmp_path / 'a')])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith('D_MMD(t=0) [unbiased U-statistic] good: gaussian') and 'a.png' in line
+    ev.main(args + ['--out', str(tmp_path / 'b')])
+    res = json.load(open(tmp_path / 'a.json'))
+    assert res == dict(json.load(open(tmp_path / 'b.json')), settings=res['settings'])  # same seed
+    assert res['settings']['estimator'] == 'u' and 'unbiased' in res['settings']['estimator_name']
+    assert [r['label'] for r in res['runs']] == ['good', 'bad']
+    for r in res['runs']:
+        assert r['t'] == [100, 90, 60, 30, 0] and r['T'] == 100
+        for k in ('gaussian', 'laplace', 'imq'):
+            assert len(r[k]) == 5 and all(np.isfinite(r[k]))
+            assert abs(r[k][0]) < 0.1            # t = T: both sides N(0, I)
+    g, b = res['runs']
+    for k in ('gaussian', 'laplace', 'imq'):
+        assert b[k][-1] > 0.3 and b[k][-1] > g[k][-1]   # 3 steps of training: far from the data
+    png = tmp_path / 'a.png'
+    assert png.stat().st_size > 1000 and Image.open(png).size[0] > 2 * Image.open(png).size[1]
+
+
+def test_errprop_v_statistic_and_bad_input(toy_runs, tmp_path):
+    good, _ = toy_runs
+    ev.main(['errprop', '--ckpt', good, '--n', '50', '--m', '60', '--t-stride', '50', '--kernels',
+             'imq', '--estimator', 'v', '--labels', 'x', '--out', str(tmp_path / 'v'), '--device', 'cpu'])
+    r = json.load(open(tmp_path / 'v.json'))['runs'][0]
+    assert r['t'] == [100, 50, 0] and r['label'] == 'x' and all(v > 0 for v in r['imq'])  # V >= 0
+    with pytest.raises(SystemExit, match='--labels'):
+        ev.main(['errprop', '--ckpt', good, '--labels', 'a', 'b'])
+    with pytest.raises(SystemExit, match='--m'):
+        ev.main(['errprop', '--ckpt', good, '--m', '5000', '--device', 'cpu'])
+    with pytest.raises(SystemExit, match='FID needs images'):
+        ev.main(['fid', '--ckpt', good, '--random-inception', '--device', 'cpu'])
+
+
+# ---- FID -----------------------------------------------------------------------------------------
+
+def real_images(n):
+    """n CIFAR-10 training images (uint8 NCHW) if the copy is there, else smooth synthetic ones."""
+    if os.path.isfile(CIFAR1):
+        with open(CIFAR1, 'rb') as f:
+            rows = pickle.load(f, encoding='bytes')[b'data'][:n]
+        return torch.from_numpy(rows.reshape(n, 3, 32, 32).copy())
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=32, mode='bilinear')
+    return (x * 255).round().to(torch.uint8)
+
+
+def noise_images(n):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+
+
+@pytest.fixture(scope='module')
+def inc64(one_thread):
+    return ev.inception_model(random_init=True, dims=64)
+
+
+def test_fid_numbers(inc64):
+    a, b = real_images(16), noise_images(16)
+    fa, fb = ev.inception_features(inc64, a, 8), ev.inception_features(inc64, b, 8)
+    assert fa.shape == (16, 64) and fa.dtype == np.float32 and fa.std() > 1e-3
+    # reproducible, batch-size independent; grayscale is repeated to 3 channels
+    assert np.allclose(ev.inception_features(inc64, a[:3].numpy(), 2), fa[:3], rtol=1e-4, atol=1e-5)
+    gray = a[:2, :1]
+    assert np.allclose(ev.inception_features(inc64, gray, 2),
+                       ev.inception_features(inc64, gray.expand(-1, 3, -1, -1), 2), atol=1e-6)
+    self_fid, cross = ev.fid_from_features(fa, fa), ev.fid_from_features(fa, fb)
+    trace = np.trace(np.cov(fa, rowvar=False))
+    assert abs(self_fid) < 1e-3 * trace      # N = 16 < 64 dims: singular covariance, still ~0
+    assert cross > 0.1 * trace and cross > 1000 * abs(self_fid)
+    ref = calculate_frechet_distance(np.mean(fa, 0), np.cov(fa, rowvar=False),
+                                     np.mean(fb, 0), np.cov(fb, rowvar=False))
+    assert cross == pytest.approx(ref, rel=1e-9)
+    with pytest.raises(ValueError, match='uint8'):
+        ev.inception_features(inc64, a.float(), 8)
+
+
+def test_architecture_matches_pytorch_fid(tmp_path, monkeypatch):
+    """Our download-free construction == pytorch-fid's InceptionV3([3]) loading the same file."""
+    torch.manual_seed(0)
+    path = str(tmp_path / ev.FID_WEIGHTS)
+    torch.save(ev.fid_inception_net().state_dict(), path)
+    ours = ev.inception_model(weights_path=path)
+    monkeypatch.setattr(I, 'load_state_dict_from_url', lambda *a, **k: torch.load(path, weights_only=True))
+    theirs = I.InceptionV3([I.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    x = real_images(2)
+    f = ev.inception_features(ours, x, 2)
+    with torch.no_grad():
+        g = theirs(x.float() / 255)[0].flatten(1).numpy()
+    assert f.shape == (2, 2048) and np.abs(f).max() > 0
+    assert np.allclose(f, g, rtol=1e-5, atol=1e-6 * np.abs(g).max())
+
+
+def test_missing_weights_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
+    for kw in ({}, dict(weights_path=str(tmp_path / 'nope.pth'))):
+        with pytest.raises(FileNotFoundError) as e:
+            ev.inception_model(**kw)
+        msg = str(e.value)
+        assert '\n' not in msg and 'pt_inception-2015-12-05-6726825d.pth' in msg
+        assert I.FID_WEIGHTS_URL in msg and '--inception-weights' in msg
+
+
+def test_load_samples(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / 'adm.npz', arr_0=x)                 # ADM's reference batches
+    np.savez(tmp_path / 'gray.npz', samples=x[..., 0])      # NHW grayscale
+    assert torch.equal(ev.load_samples(str(tmp_path / 'adm.npz')), torch.from_numpy(x).permute(0, 3, 1, 2))
+    assert ev.load_samples(str(tmp_path / 'gray.npz')).shape == (3, 1, 8, 8)
+    np.savez(tmp_path / 'vec.npz', samples=x.astype(np.float32))
+    with pytest.raises(ValueError, match='uint8'):
+        ev.load_samples(str(tmp_path / 'vec.npz'))
+
+
+def test_fid_cli_samples_and_cached_ref_stats(tmp_path, capsys):
+    """Reference statistics from a folder data set are computed once, cached, then reused."""
+    imgs, ref = tmp_path / 'imgs', str(tmp_path / 'ref.npz')
+    os.makedirs(imgs)
+    for i, im in enumerate(real_images(12).permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(im).save(imgs / f'{i:03d}.png')
+    npz = str(tmp_path / 'samples.npz')
+    np.savez(npz, samples=noise_images(12).permute(0, 2, 3, 1).numpy())
+    common = ['fid', '--random-inception', '--dims', '64', '--batch-size', '6', '--device', 'cpu',
+              '--ref-stats', ref]
+    # the reference set against itself (a PNG folder as --samples): FID ~ 0
+    ev.main(common + ['--samples', str(imgs), '--dataset', 'folder', '--data-dir', str(imgs),
+                      '--image-size', '32', '--out', str(tmp_path / 'same')])
+    same = json.load(open(tmp_path / 'same.json'))
+    z = np.load(ref)
+    assert z['mu'].shape == (64,) and z['sigma'].shape == (64, 64) and int(z['n']) == 12
+    assert same['n'] == 12 and same['ref_stats'] == ref and 'not a FID' in same['inception']
+    assert abs(same['fid']) < 1e-3 * np.trace(z['sigma'])
+    mtime = os.stat(ref).st_mtime_ns
+    shutil.rmtree(imgs)   # from now on only the cache can provide the reference
+    ev.main(common + ['--samples', npz, '--n', '10', '--out', str(tmp_path / 'noise')])
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    res = json.load(open(tmp_path / 'noise.json'))
+    assert os.stat(ref).st_mtime_ns == mtime
+    assert res['n'] == 10 and res['fid'] > 100 * abs(same['fid']) and res['samples'] == npz
+    assert out.startswith(f"FID {res['fid']:.4f} (n=10,")
+    with pytest.raises(SystemExit, match='computed with'):   # a cache from another network
+        ev.main(common + ['--samples', npz, '--seed', '5'])
+    with pytest.raises(SystemExit, match='pass --dataset'):   # no cache, nothing to compute it from
+        ev.main(common[:-1] + [str(tmp_path / 'none.npz'), '--samples', npz])
+    with pytest.raises(SystemExit, match='exactly one'):
+        ev.main(['fid'])

@@ -135,7 +135,9 @@ def load_checkpoint(path, device='cpu', ema=True):
             model = build_model(cfg['model'], tuple(ck['data_shape']), **model_overrides(cfg))
             model.load_state_dict(ck['ema' if ema else 'model'])
         except Exception as e:
-            raise ValueError(f'{file} is not a readable checkpoint of this project ({e})') from None
+            why = ' '.join(str(e).split())[:200]   # torch's messages span lines: keep one
+            raise ValueError(f'{file} is not a readable checkpoint of this project '
+                             f'({type(e).__name__}: {why})') from None
     diff = Diffusion(cfg['T'], cfg['beta_1'], cfg['beta_T'], cfg['sigma'], device)
     return model.to(device).eval(), diff, cfg
 
@@ -263,6 +265,9 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if cfg['batch_size'] % world:
         raise SystemExit(f"error: --batch-size {cfg['batch_size']} must divide over {world} ranks")
+    if cfg['reg'] and cfg['batch_size'] // world < 4:
+        raise SystemExit(f"error: --reg splits each rank's batch in two halves for MMD: use "
+                         f"--batch-size >= {4 * world} on {world} ranks")
     master, out = rank == 0, cfg['out_dir']
     ckpt_path = os.path.join(out, 'ckpt.pt')
 
@@ -285,6 +290,7 @@ def main(argv=None):
     data = training_set(cfg).to(device)
     shape = D.data_shape(data)
     diff = Diffusion(cfg['T'], cfg['beta_1'], cfg['beta_T'], cfg['sigma'], device)
+    torch.manual_seed(cfg['seed'])   # the initial weights depend on --seed alone
     raw = build_model(cfg['model'], shape, **model_overrides(cfg))
     if cfg['init_from']:   # fine-tuning: start (model and EMA) from trained weights
         raw.load_state_dict(load_checkpoint(cfg['init_from'])[0].state_dict())

@@ -34,7 +34,8 @@ def kernel_matrices(x, y, kernel='gaussian'):
     x, y = x.flatten(1).float(), y.flatten(1).float()
     z = torch.cat([x, y])
     n, off = len(x), ~torch.eye(len(z), dtype=torch.bool, device=z.device)
-    d2 = pairwise_sq_dists(z, z) * off   # exact zeros on the diagonal despite float rounding
+    with torch.autocast(z.device.type, enabled=False):   # |a|^2 + |b|^2 - 2ab cancels: keep fp32
+        d2 = pairwise_sq_dists(z, z) * off   # exact zeros on the diagonal despite float rounding
     with torch.no_grad():   # the bandwidth is a statistic of the pooled set, not a path for gradients
         if kernel == 'multigauss':
             h = d2[off].mean().clamp(min=1e-12)

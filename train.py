@@ -176,8 +176,9 @@ def load_synthetic(path, n, like, seed):
 
 
 # ---- one training step's loss ---------------------------------------------------------------
-def compute_loss(model, diff, x0, cfg, step, rank=0, world=1):
+def compute_loss(model, diff, x0, cfg, step, rank=0, world=1, fixed_k=None):
     """Total loss for the local batch x0 (b, ...) of rank `rank`; returns (loss, stats).
+    fixed_k replaces the draw k ~ U{1..L} (bench.py measures the cost at a given k).
 
     Per-sample randomness (t, eps, flips) is drawn for the whole global batch from a generator
     seeded by (seed, step) and sliced, so N ranks reproduce one process. The regulariser works
@@ -208,6 +209,7 @@ def compute_loss(model, diff, x0, cfg, step, rank=0, world=1):
     gc, gr = torch.Generator().manual_seed(seed), torch.Generator(dev).manual_seed(seed)
     r = int(torch.randint(0, diff.T, (1,), generator=gc))               # r ~ U{0..T-1}
     k = int(torch.randint(1, cfg['reg_L'] + 1, (1,), generator=gc))     # k ~ U{1..L}
+    k = fixed_k or k
     half = b // 2
     reg = consistency_reg(model, diff, x0[:half], x0[half:2 * half], r, k,
                           lambda shape: torch.randn(shape, generator=gr, device=dev),
@@ -284,6 +286,8 @@ def main(argv=None):
     if master:
         os.makedirs(out, exist_ok=True)
         print(json.dumps(cfg, indent=1))
+        if cfg['dtype'] == 'bf16' and not device.startswith('cuda'):
+            print('warning: bf16 autocast on a CPU is usually much slower than fp32')
         with open(os.path.join(out, 'config.json'), 'w') as f:
             json.dump(cfg, f, indent=1)
 

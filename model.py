@@ -246,7 +246,8 @@ def is_diffusers_folder(path):
 
 
 def load_diffusers_unet(folder):
-    """diffusers UNet2DModel folder (DDPM architecture) -> (state_dict for our UNet, MODEL_CONFIGS name)."""
+    """diffusers UNet2DModel folder (DDPM architecture) -> (state_dict for our UNet, MODEL_CONFIGS name,
+    data shape (C, H, W))."""
     d = _unet_dir(str(folder))
     if not is_diffusers_folder(d):
         raise FileNotFoundError(f"{folder}: expected config.json and {_WEIGHTS[0]} (or .bin); download "
@@ -300,4 +301,4 @@ def load_diffusers_unet(folder):
     if set(sd) != set(ref) or any(sd[k].shape != ref[k].shape for k in ref):
         raise ValueError(f"{folder}: weights do not map onto preset {best!r} "
                          f"(unmapped: {sorted(set(sd) - set(ref))[:3]}, missing: {sorted(set(ref) - set(sd))[:3]})")
-    return sd, best
+    return sd, best, (c.get('in_channels', 3), size, size)

@@ -120,9 +120,9 @@ def load_checkpoint(path, device='cpu', ema=True):
     """(model, diffusion, config) from a run folder, a ckpt.pt, or a diffusers DDPM folder.
     ema=True takes the EMA weights (what sampling and evaluation use)."""
     if os.path.isdir(path) and is_diffusers_folder(path):
-        state, name = load_diffusers_unet(path)
-        cfg = dict(CONFIG, **PRESETS['cifar10'], model=name, dataset='cifar10', data_shape=[3, 32, 32])
-        model = build_model(name, (3, 32, 32))
+        state, name, shape = load_diffusers_unet(path)
+        cfg = {**CONFIG, **PRESETS['cifar10'], 'model': name, 'data_shape': list(shape)}
+        model = build_model(name, shape)
         model.load_state_dict(state)
     else:
         file = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
@@ -297,7 +297,12 @@ def main(argv=None):
     torch.manual_seed(cfg['seed'])   # the initial weights depend on --seed alone
     raw = build_model(cfg['model'], shape, **model_overrides(cfg))
     if cfg['init_from']:   # fine-tuning: start (model and EMA) from trained weights
-        raw.load_state_dict(load_checkpoint(cfg['init_from'])[0].state_dict())
+        src, _, src_cfg = load_checkpoint(cfg['init_from'])
+        if src_cfg['model'] != cfg['model'] or tuple(src_cfg['data_shape']) != shape:
+            raise SystemExit(f"error: --init-from holds a {src_cfg['model']!r} network for data of "
+                             f"shape {tuple(src_cfg['data_shape'])}, this run builds {cfg['model']!r} "
+                             f"for {shape}: pass the matching --model / --dataset")
+        raw.load_state_dict(src.state_dict())
     raw.to(device)
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
     opt = torch.optim.Adam(raw.parameters(), lr=cfg['lr'])

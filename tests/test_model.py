@@ -95,7 +95,8 @@ def _save(unet, folder, perturb=True, **kw):
 
 
 def _check_equal(dunet, folder, shape, expect_name, B=2):
-    sd, name = load_diffusers_unet(folder)
+    sd, name, data_shape = load_diffusers_unet(folder)
+    assert data_shape == shape
     assert name == expect_name
     ours = build_model(name, shape).eval()
     ours.load_state_dict(sd)  # strict
@@ -190,3 +191,23 @@ def test_diffusers_missing_files(tmp_path):
     assert not is_diffusers_folder(tmp_path)
     with pytest.raises(FileNotFoundError, match='diffusion_pytorch_model.safetensors'):
         load_diffusers_unet(tmp_path)
+
+
+def test_train_init_from_diffusers_folder(small_folder, tmp_path):
+    """train.py --init-from a diffusers folder: the run starts from exactly the converted weights."""
+    import train
+    from PIL import Image
+    imgs = tmp_path / 'imgs'
+    imgs.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):
+        arr = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(arr).save(imgs / f'{i}.png')
+    _, folder = small_folder
+    out = tmp_path / 'run'
+    train.main(['--dataset', 'folder', '--data-dir', str(imgs), '--image-size', '32', '--model', 'small',
+                '--init-from', str(folder), '--max-steps', '1', '--lr', '0', '--warmup', '1', '--batch-size', '4',
+                '--T', '10', '--n-preview', '4', '--out-dir', str(out)])
+    ck = torch.load(out / 'ckpt.pt', map_location='cpu', weights_only=True)
+    sd, _, _ = load_diffusers_unet(folder)
+    assert all(torch.equal(ck['model'][k], v) and torch.equal(ck['ema'][k], v) for k, v in sd.items())

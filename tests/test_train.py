@@ -384,3 +384,19 @@ def test_loss_variants_run(tmp_path, args):
             assert 'loss_reg' not in r
             assert r['loss'] == pytest.approx(r['loss_nll'], rel=1e-6)
     assert cfg['loss'] == ('eps' if cfg['reg'] else args[1])
+
+
+# ---- fine-tuning from trained weights (--init-from) ----------------------------------------------
+def test_init_from_starts_model_and_ema_from_the_source_ema(trained, tmp_path):
+    """With lr 0 one step changes nothing: model and EMA must both equal the source's EMA weights."""
+    run(tmp_path, '--init-from', trained, '--reg', '--max-steps', 1, '--lr', 0, '--warmup', 1)
+    src, ck = load_ck(trained), load_ck(tmp_path)
+    assert equal_state(ck['model'], src['ema']) and equal_state(ck['ema'], src['ema'])
+    assert not equal_state(src['model'], src['ema'])   # so the check above can tell them apart
+    assert ck['step'] == 1 and ck['config']['init_from'] == str(trained)
+
+
+def test_init_from_mismatched_network_is_one_line_error(trained, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, '--init-from', trained, '--dataset', 'gmm10d', '--max-steps', 1)
+    assert 'matching --model' in one_line_error(e)

@@ -4,6 +4,7 @@
     python evaluate.py fid --ckpt out/cifar10 --n 50000                  # EMA weights, 1000 steps
     torchrun --nproc_per_node=8 evaluate.py fid --ckpt out/cifar10 --num-samples 50000
     python evaluate.py fid --samples samples.npz --dataset cifar10 --data-dir data
+    python evaluate.py quanterr --ckpt out/8gaussians --quant w8a8 w4a8     # quantised sampling
 
 errprop runs the ancestral chain (Eq. 16) from N noise samples and compares, at every measured t,
 the backward samples with M forward samples x_t of real training data (Sec. 4.2, Eq. 8-10).
@@ -24,6 +25,7 @@ from pytorch_fid import inception as I
 from pytorch_fid.fid_score import calculate_frechet_distance
 
 import data as D
+import quant
 from mmd import KERNELS, errprop_curve
 from sample import atomic_save_npz, generate
 from train import load_checkpoint
@@ -92,6 +94,7 @@ def run_errprop(a):
     runs = []
     for ckpt, label in zip(a.ckpt, labels):
         model, diff, cfg = load_checkpoint(ckpt, device, ema=True)
+        model = quant.apply_quant(model, diff, tuple(cfg['data_shape']), ckpt, a, device)
         x0 = real_examples(cfg, a.m, a.seed, a.data_dir)
         n_t = sum(1 for t in range(diff.T + 1) if t % a.t_stride == 0 or t == diff.T)  # T and 0 always
         with tqdm(total=n_t, desc=label, unit='t') as bar:
@@ -292,6 +295,7 @@ def run_fid(a):
         if len(cfg['data_shape']) != 3:
             raise SystemExit(f"error: {a.ckpt} models {cfg['dataset']} vectors; FID needs images "
                              f'(use `evaluate.py errprop` for toy data)')
+        model = quant.apply_quant(model, diff, tuple(cfg['data_shape']), a.ckpt, a, device)
     dataset = a.dataset or cfg.get('dataset')
     data_dir = a.data_dir or cfg.get('data_dir', 'data')
     image_size = a.image_size or cfg.get('image_size')
@@ -322,11 +326,6 @@ def run_fid(a):
               f'samples={a.samples}, ref={ref}){warn} -> {a.out}.json')
     if ddp:
         dist.destroy_process_group()
-
-
-# ---- quanterr ------------------------------------------------------------------------------------
-# The third subcommand (per-step error of quantised sampling, seed 002) lives in quant.py: a function
-# that adds its flags to a subparser and one that runs it, registered in main() like the two above.
 
 
 def main(argv=None):
@@ -372,8 +371,13 @@ def main(argv=None):
     f.add_argument('--device', default='auto')
     f.set_defaults(run=run_fid)
 
-    # quanterr (quant.py), e.g.: import quant; q = sub.add_parser('quanterr', help=...);
-    #     quant.add_quanterr_args(q); q.set_defaults(run=quant.main_quanterr)
+    # quanterr: per-step error of quantised sampling against full precision (seed 002), in quant.py
+    q = sub.add_parser('quanterr', help='trajectory error of W8A8 / W4A8 sampling, with and '
+                                        'without timestep-aware compensation')
+    quant.add_quanterr_args(q)
+    q.set_defaults(run=quant.main_quanterr)
+    for sp in (e, f):   # errprop and fid can measure a quantised model too
+        quant.add_quant_args(sp)
     a = p.parse_args(argv)
     a.run(a)
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import quant
 from data import to_model_space, to_uint8
 from train import load_checkpoint, save_preview
 
@@ -74,6 +75,7 @@ def main(argv=None):
     p.add_argument('--npz', help='.npz with all samples')
     p.add_argument('--png-dir', help='folder for one PNG per image')
     p.add_argument('--device', default='auto')
+    quant.add_quant_args(p)
     a = p.parse_args(argv)
     if not (a.grid or a.npz or a.png_dir):
         raise SystemExit('error: say where to write: --grid PNG, --npz FILE and/or --png-dir DIR')
@@ -88,6 +90,7 @@ def main(argv=None):
         dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
     model, diff, cfg = load_checkpoint(a.ckpt, device, ema=not a.no_ema)
     shape = tuple(cfg['data_shape'])
+    model = quant.apply_quant(model, diff, shape, a.ckpt, a, device)   # --quant w8a8 | w4a8
     # shard: rank r draws samples [lo, hi) with its own seed; rank 0 gathers for the files
     per = -(-a.n // world)
     lo, hi = min(a.n, rank * per), min(a.n, (rank + 1) * per)

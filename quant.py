@@ -1,0 +1,351 @@
+"""Post-training quantised sampling and timestep-aware error compensation (seed 002; DESIGN.md Sec. 6).
+
+Fake quantisation (quantise-dequantise in float): weights of every nn.Conv2d / nn.Linear per output
+channel; their INPUT activations per tensor, with a scale frozen from an offline calibration. Every
+step of the quantised chain adds an error eps_q(x_t) - eps(x_t) that the backward chain (Eq. 16)
+carries on to x_0. The compensation is a per-(t, channel) map calibrated offline on full-precision
+trajectories, where both nets see the same x_t: by default (fit='affine') the least-squares
+eps ~ a_{t,c} eps_q + b_{t,c}; fit='bias' only subtracts the mean error E[eps_q(x_t) - eps(x_t)].
+On the 8gaussians toy the affine map removes about twice as much trajectory error as the bias.
+
+    python evaluate.py quanterr --ckpt out/8gaussians --quant w8a8 w4a8
+"""
+import copy
+import json
+import math
+import os
+import re
+
+import torch
+import torch.nn as nn
+
+from mmd import chunked, mmd2
+
+SPECS = ('w8a8', 'w4a8')
+FITS = ('affine', 'bias')
+CALIB_SEED = 999_983   # calibration noise = Generator(CALIB_SEED + seed): never an evaluation chain's noise
+
+
+def parse_spec(spec):
+    """'w8a8' -> (8, 8): weight bits, activation bits."""
+    m = re.fullmatch(r'w(\d+)a(\d+)', str(spec))
+    if not m or not all(2 <= int(b) <= 16 for b in m.groups()):
+        raise ValueError(f"quantisation spec must look like 'w8a8' or 'w4a8' (bits 2..16), got {spec!r}")
+    return int(m[1]), int(m[2])
+
+
+def fake_quant(x, bits, dim=None, amax=None):
+    """Symmetric uniform quantise-dequantise, round to nearest, scale = max|x| / (2^(bits-1) - 1).
+
+    dim: per-channel scales along that dim (weights: 0, the output channel); None: one scale.
+    amax: a given range (calibrated activations); values beyond it are clipped. Zero ranges are safe.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    if amax is None and dim is None:
+        amax = x.detach().abs().max()
+    elif amax is None:
+        other = [d for d in range(x.dim()) if d != dim % x.dim()]
+        amax = x.detach().abs().amax(dim=other, keepdim=True) if other else x.detach().abs()
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    return (x / scale).round().clamp(-qmax, qmax) * scale
+
+
+class _ActQuant:
+    """Forward pre-hook on a layer: fake-quantises its input with a frozen per-tensor range; while
+    `observing` it leaves the input alone and records the running max |input| (our calibration
+    statistic: the max, not a percentile, since a few trajectories give few outliers and the max
+    never clips what calibration saw)."""
+
+    def __init__(self, bits, amax=None):
+        self.bits, self.amax, self.observing = bits, amax, amax is None
+
+    def __call__(self, module, args):
+        x = args[0]
+        if self.observing:
+            m = x.detach().abs().max().float()
+            self.amax = m if self.amax is None else torch.maximum(self.amax, m)
+            return None
+        return (fake_quant(x, self.bits, amax=self.amax),) + tuple(args[1:])
+
+
+def _quantize_weights(model, spec, act_scales=None):
+    """Deep copy with fake-quantised weights (biases stay float) and an _ActQuant hook per layer."""
+    wbits, abits = parse_spec(spec)
+    q = copy.deepcopy(model).eval()
+    for name, m in q.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            with torch.no_grad():
+                m.weight.copy_(fake_quant(m.weight, wbits, dim=0))
+            amax = None if act_scales is None else torch.tensor(act_scales[name], device=m.weight.device)
+            m._act_quant = _ActQuant(abits, amax)
+            m.register_forward_pre_hook(m._act_quant)
+    return q
+
+
+def act_scales(qmodel):
+    """{layer name: calibrated max |input|} of a quantised model."""
+    return {n: float(m._act_quant.amax) for n, m in qmodel.named_modules() if hasattr(m, '_act_quant')}
+
+
+@torch.no_grad()
+def quantize_model(model, spec, calib_fn):
+    """Fake-quantised deep copy of `model` ('w8a8', 'w4a8', ...): weights per output channel, inputs of
+    every Conv2d / Linear per tensor. calib_fn(qmodel) drives qmodel (weights already quantised,
+    activations observed, not yet quantised) over calibration inputs; then the ranges are frozen."""
+    q = _quantize_weights(model, spec)
+    calib_fn(q)
+    for n, m in q.named_modules():
+        if hasattr(m, '_act_quant'):
+            if m._act_quant.amax is None:
+                raise ValueError(f'calibration never reached layer {n!r}: calib_fn must call the model')
+            m._act_quant.observing = False
+    return q
+
+
+class CompensatedModel(nn.Module):
+    """forward(x, t_index) = qmodel(x, t_index) corrected with the table of timestep t_index:
+    correction (T, C): eps_q - b_{t,c}; (T, C, 2): a_{t,c} * eps_q + b_{t,c}. C = channels (D for vectors)."""
+
+    def __init__(self, qmodel, correction):
+        super().__init__()
+        self.qmodel = qmodel
+        self.register_buffer('correction', correction.float())
+
+    def forward(self, x, t):
+        eps = self.qmodel(x, t)
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        c = self.correction[t]                                   # gathered per sample: (B, C[, 2])
+        view = (x.shape[0], -1) + (1,) * (x.dim() - 2)
+        if c.dim() == 2:
+            return eps - c.view(view)
+        return c[..., 0].view(view) * eps + c[..., 1].view(view)
+
+
+def _channel_sums(a, b):
+    """Per-channel sums over batch and positions of a, b, a*a, a*b, 1 -> (C, 5)."""
+    C = a.shape[1]
+    a, b = a.double().transpose(0, 1).reshape(C, -1), b.double().transpose(0, 1).reshape(C, -1)
+    return torch.stack([a.sum(1), b.sum(1), (a * a).sum(1), (a * b).sum(1),
+                        torch.full((C,), a.shape[1], dtype=a.dtype, device=a.device)], 1)
+
+
+def fit_correction(stats, fit='affine'):
+    """Per-(t, c) correction from the calibration sums (T, C, 5) of _channel_sums.
+    'bias': b = mean(eps_q - eps), (T, C), subtracted. 'affine': least squares eps ~ a eps_q + b,
+    (T, C, 2) = (a, b); it also undoes the part of the error that scales with eps_q."""
+    sq, sf, sqq, sqf, n = stats.double().unbind(-1)
+    if fit == 'bias':
+        return ((sq - sf) / n).float()
+    var = sqq / n - (sq / n) ** 2
+    a = torch.where(var > 1e-12, (sqf / n - sq * sf / n ** 2) / var.clamp(min=1e-12), torch.ones_like(var))
+    return torch.stack([a, sf / n - a * sq / n], -1).float()
+
+
+@torch.no_grad()
+def calibrate(model, diff, shape, spec, n_traj=None, batch=None, seed=0, device='cpu', fit='affine'):
+    """Activation ranges and the per-(t, channel) correction from n_traj full-precision ancestral
+    chains of `batch` samples from fixed noise (defaults: 4 x 64 for vectors, 2 x 16 for images).
+    At every t both nets see the FP state x_t. Returns {'spec', 'act_scales', 'correction', 'stats',
+    'fit', ...}: all that build_quantized needs."""
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    image = len(shape) == 3
+    n_traj, batch = n_traj or (2 if image else 4), batch or (16 if image else 64)
+    model = model.eval()
+
+    def trajectories(probe):
+        """The same FP chains every time; probe(x_t, t_index, eps_fp) sees every network call."""
+        def net(x, t):
+            e = model(x, t)
+            probe(x, t, e)
+            return e
+        g = torch.Generator(device).manual_seed(CALIB_SEED + seed)
+        for _ in range(n_traj):
+            diff.sample_chain(net, torch.randn((batch, *shape), generator=g, device=device), generator=g)
+
+    qmodel = quantize_model(model, spec, lambda q: trajectories(lambda x, t, e: q(x, t)))
+    stats = torch.zeros(diff.T, shape[0], 5, dtype=torch.float64, device=device)
+
+    def record(x, t, e):
+        stats[int(t[0])] += _channel_sums(qmodel(x, t), e)
+    trajectories(record)
+    return dict(spec=spec, act_scales=act_scales(qmodel), stats=stats.cpu(), fit=fit,
+                correction=fit_correction(stats, fit).cpu(), n_traj=n_traj, batch=batch, seed=seed,
+                T=diff.T, shape=list(shape), fingerprint=weights_fingerprint(model))
+
+
+def build_quantized(model, calib, compensate=False):
+    """The quantised (optionally compensated) model from a stored calibration, without recalibrating."""
+    q = _quantize_weights(model, calib['spec'], calib['act_scales'])
+    if not compensate:
+        return q
+    return CompensatedModel(q, calib['correction'].to(next(model.parameters()).device))
+
+
+def weights_fingerprint(model):
+    """A cheap checksum of the weights: a stored calibration is reused only for the same weights."""
+    return float(sum(p.double().sum() + p.double().abs().sum() for p in model.state_dict().values()
+                     if p.is_floating_point()))
+
+
+def save_calibration(path, calib):
+    tmp = f'{path}.{os.getpid()}.tmp'   # pid: ranks that calibrate side by side never share a tmp file
+    torch.save(calib, tmp)
+    os.replace(tmp, path)
+
+
+def load_calibration(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'no calibration at {path}: run with --recalibrate or calibrate() first')
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def calibration_path(ckpt_path, spec):
+    """<run dir>/quant_<spec>.pt, beside the checkpoint."""
+    run = ckpt_path if os.path.isdir(ckpt_path) else os.path.dirname(os.path.abspath(ckpt_path))
+    return os.path.join(run, f'quant_{spec}.pt')
+
+
+def get_calibration(model, diff, shape, spec, ckpt_path, n_traj=None, batch=None, recalibrate=False,
+                    device='cpu', fit='affine'):
+    """The stored calibration beside the checkpoint if it was made for these weights and settings
+    (a different fit is refitted from the stored sums), else a new one, saved there."""
+    path = calibration_path(ckpt_path, spec)
+    if os.path.isfile(path) and not recalibrate:
+        c = load_calibration(path)
+        if (c['T'] == diff.T and c['shape'] == list(shape) and n_traj in (None, c['n_traj'])
+                and batch in (None, c['batch'])
+                and math.isclose(c['fingerprint'], weights_fingerprint(model), rel_tol=1e-9)):
+            if c['fit'] != fit:
+                c.update(fit=fit, correction=fit_correction(c['stats'], fit))
+            return c
+        print(f'{path} was made for other weights or settings: recalibrating')
+    print(f'calibrating {spec} ...', flush=True)
+    c = calibrate(model, diff, shape, spec, n_traj, batch, 0, device, fit)
+    try:
+        save_calibration(path, c)
+    except OSError as e:   # a read-only checkpoint folder: go on without storing
+        print(f'could not store the calibration at {path} ({e}); it will be recomputed next time')
+    return c
+
+
+@torch.no_grad()
+def quanterr(model, diff, x0_real, spec, calib=None, n=256, seed=0, device='cpu', kernels=('gaussian',),
+             estimator='u', batch_size=None):
+    """FP, quantised (Q) and compensated (Q+comp) ancestral chains in lockstep from the same x_T and the
+    same noise z_t (drawn as sample_chain does, so the FP chain equals diff.sample). Records at every t
+    the RMS distance of Q and Q+comp to FP, and D_MMD(0) of each against x0_real (signed sqrt of the
+    unbiased MMD^2, as errprop_curve). Returns {'t', 'err_q', 'err_qc', 'mmd0', 'mmd0_kernels'}."""
+    calib = calib or calibrate(model, diff, tuple(x0_real.shape[1:]), spec, seed=seed, device=device)
+    if calib['spec'] != spec:
+        raise ValueError(f"calibration is for {calib['spec']}, not {spec}")
+    q = build_quantized(model, calib)
+    nets = [model.eval(), q, CompensatedModel(q, calib['correction'].to(device))]
+    nets = [chunked(m, batch_size) if batch_size else m for m in nets]
+    g = torch.Generator(device).manual_seed(seed)
+    x = torch.randn((n, *x0_real.shape[1:]), generator=g, device=device)
+    xs = [x, x.clone(), x.clone()]
+    out = {'spec': spec, 't': [diff.T], 'err_q': [0.0], 'err_qc': [0.0]}
+    for t in range(diff.T, 0, -1):
+        z = torch.randn(x.shape, generator=g, device=device, dtype=x.dtype) if t > 1 else None
+        xs = [diff.p_step(m, xi, t, z) for m, xi in zip(nets, xs)]
+        out['t'].append(t - 1)
+        out['err_q'].append((xs[1] - xs[0]).pow(2).mean().sqrt().item())
+        out['err_qc'].append((xs[2] - xs[0]).pow(2).mean().sqrt().item())
+    real = x0_real.to(device)
+    out['mmd0_kernels'] = {k: {} for k in kernels}
+    for k in kernels:
+        for name, xi in zip(('fp', 'q', 'qc'), xs):
+            v = mmd2(xi, real, k, estimator).item()
+            out['mmd0_kernels'][k][name] = math.copysign(math.sqrt(abs(v)), v)
+    out['mmd0'] = out['mmd0_kernels'][kernels[0]]
+    return out
+
+
+def plot_quanterr(results, path):
+    """results {spec: quanterr dict} -> PNG of the RMS trajectory error vs t (T on the left, 0 on the right)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (spec, r) in enumerate(results.items()):
+        ax.plot(r['t'], r['err_q'], color=f'C{i}', label=spec.upper())
+        ax.plot(r['t'], r['err_qc'], color=f'C{i}', ls='--', label=spec.upper() + ' + comp.')
+    ax.invert_xaxis()
+    ax.set_xlabel('t')
+    ax.set_ylabel('RMS distance to the full-precision chain')
+    ax.legend()
+    tmp = path + '.tmp.png'
+    fig.savefig(tmp, dpi=120, bbox_inches='tight')
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---- command-line glue for evaluate.py and sample.py --------------------------------------------
+
+def add_quant_args(p):
+    """--quant / --quant-compensate (+ calibration settings) for sample.py and evaluate.py."""
+    p.add_argument('--quant', default='none', choices=('none',) + SPECS, help='fake-quantised sampling')
+    p.add_argument('--quant-compensate', action='store_true', help='apply the timestep-aware correction')
+    p.add_argument('--calib-traj', type=int, help='calibration chains (default 4 x 64 toy, 2 x 16 images)')
+    p.add_argument('--recalibrate', action='store_true', help='ignore a stored quant_<spec>.pt')
+
+
+def apply_quant(model, diff, shape, ckpt_path, args, device):
+    """The model to sample with: unchanged for --quant none, else the (compensated) quantised copy."""
+    if args.quant == 'none':
+        if args.quant_compensate:
+            raise SystemExit('error: --quant-compensate needs --quant w8a8 or w4a8')
+        return model
+    c = get_calibration(model, diff, shape, args.quant, ckpt_path, args.calib_traj,
+                        recalibrate=args.recalibrate, device=device)
+    return build_quantized(model, c, args.quant_compensate)
+
+
+def add_quanterr_args(p):
+    p.add_argument('--ckpt', required=True, help='run folder, ckpt.pt, or diffusers DDPM folder')
+    p.add_argument('--quant', nargs='+', default=list(SPECS), type=str, help='specs, e.g. w8a8 w4a8')
+    p.add_argument('--n', type=int, default=256, help='chains compared (and real samples for D_MMD)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--calib-traj', type=int, help='calibration chains (default 4 x 64 toy, 2 x 16 images)')
+    p.add_argument('--calib-batch', type=int)
+    p.add_argument('--fit', choices=FITS, default='affine', help='correction per (t, channel)')
+    p.add_argument('--recalibrate', action='store_true', help='ignore a stored quant_<spec>.pt')
+    p.add_argument('--batch-size', type=int, help='chunk network calls (memory)')
+    p.add_argument('--data-dir', help="real data for D_MMD(0) (default: the run's data_dir)")
+    p.add_argument('--out', default='quanterr', help='writes OUT.json and OUT.png')
+    p.add_argument('--device', default='auto')
+
+
+def main_quanterr(args):
+    import data as D
+    from train import load_checkpoint
+    for s in args.quant:
+        parse_spec(s)
+    if args.n < 2:
+        raise SystemExit('error: --n must be >= 2 (unbiased MMD)')
+    device = args.device if args.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
+    model, diff, cfg = load_checkpoint(args.ckpt, device)
+    shape = tuple(cfg['data_shape'])
+    g = torch.Generator().manual_seed(args.seed + 1)
+    if D.is_toy(cfg['dataset']):
+        x0 = D.sample_toy(cfg['dataset'], args.n, g)
+    else:
+        data = D.load_data(cfg['dataset'], args.data_dir or cfg['data_dir'], cfg['image_size'], download=False)
+        x0 = D.to_model_space(data[torch.randperm(len(data), generator=g)[:args.n]])
+    results = {}
+    for spec in args.quant:
+        c = get_calibration(model, diff, shape, spec, args.ckpt, args.calib_traj, args.calib_batch,
+                            args.recalibrate, device, args.fit)
+        r = results[spec] = quanterr(model, diff, x0, spec, c, args.n, args.seed, device,
+                                     batch_size=args.batch_size)
+        m = r['mmd0']
+        print(f"{spec}: traj RMS at t=0 Q={r['err_q'][-1]:.4g} Q+comp={r['err_qc'][-1]:.4g}; "
+              f"D_MMD(0) FP={m['fp']:.4g} Q={m['q']:.4g} Q+comp={m['qc']:.4g}")
+    out = args.out[:-5] if args.out.endswith('.json') else args.out
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + '.json.tmp', 'w') as f:
+        json.dump(dict(ckpt=args.ckpt, n=args.n, seed=args.seed, fit=args.fit, results=results), f)
+    os.replace(out + '.json.tmp', out + '.json')
+    plot_quanterr(results, out + '.png')
+    print(f'wrote {out}.json and {out}.png')

@@ -11,15 +11,6 @@ from diffusion import Diffusion
 T = 1000
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """2 shared cores: intra-op threads oversubscribe them and slow the chains down many times."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def np_schedule(T=1000, b1=1e-4, bT=0.02):
     """Independent float64 reference: padded beta, alpha, abar with abar[0] = 1."""
     beta = np.zeros(T + 1)

@@ -24,15 +24,6 @@ DATA_ROOT = os.environ.get('DATA_ROOT', os.path.join(REPO, '..', 'shared', 'data
 CIFAR1 = os.path.join(DATA_ROOT, 'cifar-10-batches-py', 'data_batch_1')
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    # on a shared 2-core machine two OpenMP threads per process mostly spin-wait on each other
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope='module')
 def toy_runs(tmp_path_factory, one_thread):
     """Two 8gaussians runs with T = 100: 'good' (200 steps) and 'bad' (3 steps, noise-like output).

@@ -13,15 +13,6 @@ from mmd import (KERNELS, chunked, consistency_reg, errprop_curve, kernel_matric
 from model import build_model
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """2 shared cores: intra-op threads oversubscribe them."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---- brute force reference ---------------------------------------------------------------------
 
 def brute_kernel(kernel, z):

@@ -24,15 +24,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ['--dataset', '8gaussians', '--T', '100', '--toy-n', '2000', '--n-preview', '50']
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """2 shared cores: intra-op threads oversubscribe them."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run(out, *args):
     train.main(FAST + ['--out-dir', str(out)] + [str(a) for a in args])
 

@@ -43,7 +43,7 @@ CONFIG = dict(
     log_every=None, sample_every=None, save_every=None, n_preview=None,
 )
 TOY_PRESET = dict(model='mlp', batch_size=256, lr=1e-3, warmup=200, ema_decay=0.995,
-                  max_steps=20000, log_every=1000, sample_every=0, save_every=5000, n_preview=2000)
+                  max_steps=10000, log_every=1000, sample_every=0, save_every=5000, n_preview=2000)
 DDPM_PRESET = dict(batch_size=128, lr=2e-4, warmup=5000, ema_decay=0.9999, max_steps=800000,
                    log_every=100, sample_every=10000, save_every=10000, n_preview=64)  # Ho et al.
 PRESETS = {

@@ -29,49 +29,68 @@ def kernel_matrices(x, y, kernel='gaussian'):
     multigauss: sum_{i=-2..2} exp(-d^2 / (m 2^i)), m = mean pooled squared distance; the kernel of
                 the authors' released code.
     """
-    if kernel not in KERNELS:
-        raise ValueError(f'unknown kernel {kernel!r}; choose one of {KERNELS}')
+    return kernel_matrices_many(x, y, (kernel,))[kernel]
+
+
+def kernel_matrices_many(x, y, kernels):
+    """{kernel: (Kxx, Kyy, Kxy)} for several kernels, sharing one distance matrix and bandwidth."""
+    bad = [k for k in kernels if k not in KERNELS]
+    if bad:
+        raise ValueError(f'unknown kernel {bad[0]!r}; choose one of {KERNELS}')
     x, y = x.flatten(1).float(), y.flatten(1).float()
     z = torch.cat([x, y])
     n, off = len(x), ~torch.eye(len(z), dtype=torch.bool, device=z.device)
     with torch.autocast(z.device.type, enabled=False):   # |a|^2 + |b|^2 - 2ab cancels: keep fp32
         d2 = pairwise_sq_dists(z, z) * off   # exact zeros on the diagonal despite float rounding
     with torch.no_grad():   # the bandwidth is a statistic of the pooled set, not a path for gradients
-        if kernel == 'multigauss':
-            h = d2[off].mean().clamp(min=1e-12)
+        if any(k != 'multigauss' for k in kernels):
+            h_med = d2[off].median().clamp(min=1e-12)
+        if 'multigauss' in kernels:
+            h_mean = d2[off].mean().clamp(min=1e-12)
+    out = {}
+    for kernel in kernels:
+        if kernel == 'gaussian':
+            k = torch.exp(-d2 / (2 * h_med))
+        elif kernel == 'laplace':
+            # sqrt has an infinite slope at 0: clamp, then restore the exact zeros of the diagonal
+            d = d2.clamp(min=1e-12).sqrt() * off
+            k = torch.exp(-d / h_med.sqrt())
+        elif kernel == 'imq':
+            k = (1 + d2 / h_med).rsqrt()
         else:
-            h = d2[off].median().clamp(min=1e-12)
-    if kernel == 'gaussian':
-        k = torch.exp(-d2 / (2 * h))
-    elif kernel == 'laplace':
-        # sqrt has an infinite slope at 0: clamp, then restore the exact zeros of the diagonal
-        d = d2.clamp(min=1e-12).sqrt() * off
-        k = torch.exp(-d / h.sqrt())
-    elif kernel == 'imq':
-        k = (1 + d2 / h).rsqrt()
-    else:
-        k = sum(torch.exp(-d2 / (h * 2.0 ** i)) for i in range(-2, 3))
-    return k[:n, :n], k[n:, n:], k[:n, n:]
+            k = sum(torch.exp(-d2 / (h_mean * 2.0 ** i)) for i in range(-2, 3))
+        out[kernel] = (k[:n, :n], k[n:, n:], k[:n, n:])
+    return out
+
+
+def _estimate(kxx, kyy, kxy, estimator):
+    if estimator == 'v':   # Eq. (10)
+        return kxx.mean() + kyy.mean() - 2 * kxy.mean()
+    if estimator == 'u':
+        n, m = len(kxx), len(kyy)
+        return ((kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+                + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1)) - 2 * kxy.mean())
+    raise ValueError(f"estimator must be 'v' (Eq. 10) or 'u' (unbiased), got {estimator!r}")
 
 
 def mmd2_vstat(x, y, kernel='gaussian'):
     """Eq. (10): (1/N^2) sum Kxx + (1/M^2) sum Kyy - (2/NM) sum Kxy. Biased, >= 0, floor O(1/N)."""
-    kxx, kyy, kxy = kernel_matrices(x, y, kernel)
-    return kxx.mean() + kyy.mean() - 2 * kxy.mean()
+    return _estimate(*kernel_matrices(x, y, kernel), 'v')
 
 
 def mmd2_unbiased(x, y, kernel='gaussian'):
     """Unbiased U-statistic of MMD^2: the diagonals of Kxx and Kyy left out. Can be < 0."""
-    kxx, kyy, kxy = kernel_matrices(x, y, kernel)
-    n, m = len(kxx), len(kyy)
-    return ((kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
-            + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1)) - 2 * kxy.mean())
+    return _estimate(*kernel_matrices(x, y, kernel), 'u')
 
 
 def mmd2(x, y, kernel='gaussian', estimator='v'):
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be 'v' (Eq. 10) or 'u' (unbiased), got {estimator!r}")
-    return mmd2_vstat(x, y, kernel) if estimator == 'v' else mmd2_unbiased(x, y, kernel)
+    """MMD^2 with estimator 'v' (Eq. 10) or 'u' (unbiased)."""
+    return _estimate(*kernel_matrices(x, y, kernel), estimator)
+
+
+def mmd2_many(x, y, kernels, estimator='v'):
+    """{kernel: MMD^2} for several kernels at the cost of one distance matrix."""
+    return {k: _estimate(*b, estimator) for k, b in kernel_matrices_many(x, y, kernels).items()}
 
 
 def mmd(x, y, kernel='gaussian', estimator='v'):
@@ -160,8 +179,8 @@ def errprop_curve(model, diff, x0_real, n=1000, kernels=('gaussian', 'laplace', 
         eps = torch.randn(x0_real.shape, generator=generator, device=device)
         y = diff.q_sample(x0_real, t, eps) if t > 0 else x0_real
         out['t'].append(t)
-        for k in kernels:
-            v = mmd2(x, y, k, estimator).item()
+        for k, v in mmd2_many(x, y, kernels, estimator).items():
+            v = v.item()
             out[k].append(math.copysign(math.sqrt(abs(v)), v))
         if progress is not None:
             progress(t)

@@ -25,7 +25,7 @@ CIFAR1 = os.path.join(DATA_ROOT, 'cifar-10-batches-py', 'data_batch_1')
 
 
 @pytest.fixture(scope='module')
-def toy_runs(tmp_path_factory, one_thread):
+def toy_runs(tmp_path_factory):
     """Two 8gaussians runs with T = 100: 'good' (200 steps) and 'bad' (3 steps, noise-like output).
     beta_T = 0.2 so that abar_T ~ 5e-5: q(x_T) is N(0, I) as with the standard T = 1000."""
     root = tmp_path_factory.mktemp('toy')
@@ -93,7 +93,7 @@ def noise_images(n):
 
 
 @pytest.fixture(scope='module')
-def inc64(one_thread):
+def inc64():
     return ev.inception_model(random_init=True, dims=64)
 
 

@@ -92,12 +92,7 @@ def make_step(name, bs, dev, dtype, compile_):
         x0 = train.local_batch(data, cfg, i, 0, 1, dev)
         with amp(dev, dtype):
             loss, stats = loss_fn(model, diff, x0, cfg, i)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg['grad_clip'])
-        opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - cfg['ema_decay'])
+        train.optimizer_step(loss, raw, opt, ema, cfg)
         return stats
     return step, cfg, sum(p.numel() for p in raw.parameters())
 

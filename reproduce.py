@@ -133,12 +133,7 @@ def job_timing(a):
     def step(cfg, i):
         x0 = train.local_batch(data, cfg, i, 0, 1, 'cpu')
         loss, _ = train.compute_loss(raw, diff, x0, cfg, i)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg['grad_clip'])
-        opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - cfg['ema_decay'])
+        train.optimizer_step(loss, raw, opt, ema, cfg)
 
     for cfg in cfgs.values():   # warm-up
         for i in range(3):
@@ -175,7 +170,6 @@ def steps_of(job, a):
 
 def job_run(job, a):
     import train
-    from diffusion import Diffusion
     torch.set_num_threads(1)
     out = os.path.join(OUT, job['name'])
     os.makedirs(out, exist_ok=True)

@@ -220,6 +220,17 @@ def compute_loss(model, diff, x0, cfg, step, rank=0, world=1, fixed_k=None):
     return loss, stats
 
 
+def optimizer_step(loss, raw, opt, ema, cfg):
+    """Backward, gradient clipping, Adam, then the EMA of the weights; returns the grad norm."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg['grad_clip'])
+    opt.step()
+    with torch.no_grad():   # ema <- decay * ema + (1 - decay) * w
+        torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - cfg['ema_decay'])
+    return gnorm
+
+
 def local_batch(data, cfg, step, rank, world, device):
     """This rank's slice of the global batch of `step`, in model space, flipped where DDPM did."""
     B, b = cfg['batch_size'], cfg['batch_size'] // world
@@ -344,13 +355,7 @@ def main(argv=None):
         x0 = local_batch(data, cfg, step, rank, world, device)
         with autocast:
             loss, stats = compute_loss(model, diff, x0, cfg, step, rank, world)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg['grad_clip'])
-        opt.step()
-        with torch.no_grad():   # EMA of the weights: ema <- decay * ema + (1 - decay) * w
-            torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()),
-                                 1 - cfg['ema_decay'])
+        gnorm = optimizer_step(loss, raw, opt, ema, cfg)
         step += 1
         n_seen += cfg['batch_size']
         if master and (step % cfg['log_every'] == 0 or step == cfg['max_steps']):

@@ -29,7 +29,9 @@ os.environ.setdefault('OMP_NUM_THREADS', '1')
 import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-RES, OUT = os.path.join(ROOT, 'results'), os.path.join(ROOT, 'out', 'repro')
+# where results (committed) and raw runs (git-ignored) go; the environment can redirect both
+RES = os.environ.get('REPRO_RESULTS', os.path.join(ROOT, 'results'))
+OUT = os.environ.get('REPRO_OUT', os.path.join(ROOT, 'out', 'repro'))
 KERNELS = ('gaussian', 'laplace', 'imq')
 EVAL_SEED, SAMPLE_SEED, FRESH_SEED = 0, 1, 99991
 MNIST_DIR = os.path.join(ROOT, '..', 'shared', 'data')

@@ -153,6 +153,9 @@ def report(a):
         agg[f'{ds}/{v}'] = e
     floors = {ds: reference_floor(ds, a.mnist_n if ds == 'mnist' else a.n) for ds in ('8gaussians', 'swissroll', 'mnist')
               if any(k[0] == ds for k in runs)}
+    big = f'vanilla_N{a.mnist_n_full}'
+    if ('mnist', big) in runs:   # the noise floor at that N too
+        floors['mnist_' + big] = reference_floor('mnist', a.mnist_n_full)
     diag = diagnostics()
     timings = {n: read_json(result_path(n)) for n in ('timing', 'timing_mnist') if os.path.isfile(result_path(n))}
     timing = timings.get('timing')
@@ -176,6 +179,10 @@ def report(a):
             f = floors[ds]
             lines.append(f"| *perfect model ({'other real digits' if ds == 'mnist' else 'fresh true samples'})* | - | "
                          f"{fmt(f['gaussian'])} | {fmt(f['laplace'])} | {fmt(f['imq'])} | {fmt(f.get('mmd_true', []))} | - |")
+        if f'{ds}_{big}' in floors:
+            f = floors[f'{ds}_{big}']
+            lines.append(f"| *perfect model, N = M = {a.mnist_n_full}* | - | {fmt(f['gaussian'])} | {fmt(f['laplace'])} | "
+                         f"{fmt(f['imq'])} | - | - |")
         for v, rs in rows:
             steps = sorted({r['steps'] for r in rs})
             lines.append(f'| {v} | {"/".join(map(str, steps))} | ' +
@@ -184,7 +191,7 @@ def report(a):
 
     for ds in ('8gaussians', 'swissroll', 'mnist'):
         table(ds, ['vanilla', 'ip', 'sa', 'reg', 'ip_eqtime', 'sa_eqtime', 'reg_eqtime',
-                   f'vanilla_S{a.long_steps}', f'reg_S{a.long_steps}'],
+                   f'vanilla_S{a.long_steps}', f'reg_S{a.long_steps}', big],
               f'{ds}: methods (equal steps S, then equal wall-clock time)')
     table('8gaussians', ['vanilla', 'ft_vanilla', 'ft_reg'], '8gaussians: fine-tuning the vanilla run for S/5 steps')
     table('8gaussians', ['reg'] + list(ABLATIONS), '8gaussians: ablations of the regulariser (reg = L 5, exp '
@@ -201,7 +208,7 @@ def report(a):
                       '| method | n seeds | Δ D_MMD(t=0) gaussian | Δ laplace | Δ imq | Δ MMD vs true dist. |',
                       '|---|---|---|---|---|---|'])
         for (d2, v), rs in sorted(runs.items()):
-            if d2 != ds or v == 'vanilla':
+            if d2 != ds or v == 'vanilla' or v == big:   # (a different N: not comparable)
                 continue
             pr = [(r, base[r['job']['seed']]) for r in rs if r['job']['seed'] in base]
             if not pr:
@@ -251,8 +258,8 @@ def report(a):
     # ---- plots
     styles = {'vanilla': ('k', '-'), 'ip': ('tab:blue', '-'), 'sa': ('tab:green', '-'), 'reg': ('tab:red', '-'),
               'ip_eqtime': ('tab:blue', '--'), 'sa_eqtime': ('tab:green', '--'), 'reg_eqtime': ('tab:red', '--'),
-              'ft_vanilla': ('tab:gray', '-'), 'ft_reg': ('tab:purple', '-')}
-    groups = {'': ['vanilla', 'ip', 'sa', 'reg', 'ip_eqtime', 'sa_eqtime', 'reg_eqtime'],
+              'ft_vanilla': ('tab:gray', '-'), 'ft_reg': ('tab:purple', '-'), 'vanilla_N1000': ('k', ':')}
+    groups = {'': ['vanilla', 'ip', 'sa', 'reg', 'ip_eqtime', 'sa_eqtime', 'reg_eqtime', 'vanilla_N1000'],
               '_finetune': ['vanilla', 'ft_vanilla', 'ft_reg']}
     for ds in ('8gaussians', 'swissroll', 'mnist'):
         for suffix, vs in groups.items():

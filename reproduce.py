@@ -126,6 +126,9 @@ def job_list(a):
                     run('mnist', v, seed, MAIN[v.split('_')[0]] + mnist_flags(a),
                         'eqtime:' + v.split('_')[0] if eq else a.mnist_steps, deps=['timing_mnist'] if eq else (),
                         extra=dict(n_eval=a.mnist_n, t_stride=20, base_steps=a.mnist_steps, timing='timing_mnist'))
+            if v == 'vanilla' and a.mnist_n_full:   # seed 0's curve again, at the paper's N = M
+                run('mnist', f'vanilla_N{a.mnist_n_full}', 0, MAIN[v] + mnist_flags(a), a.mnist_steps,
+                    deps=['mnist_vanilla_s0'], extra=dict(n_eval=a.mnist_n_full, t_stride=20, eval_of='mnist_vanilla_s0'))
     if a.only:
         jobs = [j for j in jobs if any(o in j['name'] for o in a.only)]
     return jobs
@@ -200,6 +203,7 @@ def job_run(job, a):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, 'job.pid'), 'w') as f:
         f.write(str(os.getpid()))
+    out = os.path.join(OUT, job.get('eval_of', job['name']))   # eval_of: only evaluate that run
     steps, ratio = steps_of(job, a)
     argv = ['--dataset', job['dataset'], '--seed', str(job['seed']), '--max-steps', str(steps),
             '--out-dir', out, '--log-every', '250', '--save-every', '500', '--n-preview', '256'] + job['flags']
@@ -218,7 +222,7 @@ def job_run(job, a):
                train_argv=argv, train_wall_s=train_wall if not done else None, config=cfg)
     res.update(evaluate_run(model, diff, cfg, job, a))
     grid = os.path.join(out, f'samples_{steps:07d}.png')   # train.py's end-of-run EMA preview
-    if cfg['dataset'] == 'mnist' and os.path.isfile(grid):
+    if cfg['dataset'] == 'mnist' and 'eval_of' not in job and os.path.isfile(grid):
         os.makedirs(os.path.join(RES, 'samples'), exist_ok=True)
         shutil.copyfile(grid, os.path.join(RES, 'samples', job['name'] + '.png'))
     write_json(run_json(job['name']), res)
@@ -332,6 +336,8 @@ def main():
     p.add_argument('--mnist-steps', type=int, default=2000)
     p.add_argument('--mnist-lr', type=float, default=5e-4)
     p.add_argument('--mnist-n', type=int, default=256, help='MNIST errprop: N = M')
+    p.add_argument('--mnist-n-full', type=int, default=1000,
+                   help='MNIST: evaluate mnist_vanilla_s0 once more with N = M this large (0: skip)')
     p.add_argument('--mnist-variants', nargs='+', default=['vanilla', 'reg', 'reg_eqtime', 'ip', 'sa'],
                    choices=['vanilla', 'reg', 'reg_eqtime', 'ip', 'sa'])
     p.add_argument('--report', action='store_true', help='only aggregate and plot what exists')

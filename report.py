@@ -301,7 +301,7 @@ def report(a):
                 ax.axhline(mean_std(floors[ds][key])[0], color='grey', ls=':', label='perfect model')
                 ax.legend()
             ax.set_xticks(range(len(vs)), vs, rotation=60, ha='right', fontsize=8)
-            ax.set_title(f'{ds}: {lab} (mean ± std, seeds)')
+            ax.set_title(f'{ds}: {lab}\n(mean ± std over seeds)', fontsize=10)
         fig.tight_layout()
         fig.savefig(os.path.join(RES, f'final_metrics_{ds}.png'), dpi=90)
         plt.close(fig)

@@ -191,7 +191,7 @@ def report(a):
 
     for ds in ('8gaussians', 'swissroll', 'mnist'):
         table(ds, ['vanilla', 'ip', 'sa', 'reg', 'ip_eqtime', 'sa_eqtime', 'reg_eqtime',
-                   f'vanilla_S{a.long_steps}', f'reg_S{a.long_steps}', big],
+                   'vanilla_regsteps', f'vanilla_S{a.long_steps}', f'reg_S{a.long_steps}', big],
               f'{ds}: methods (equal steps S, then equal wall-clock time)')
     table('8gaussians', ['vanilla', 'ft_vanilla', 'ft_reg'], '8gaussians: fine-tuning the vanilla run for S/5 steps')
     table('8gaussians', ['reg'] + list(ABLATIONS), '8gaussians: ablations of the regulariser (reg = L 5, exp '
@@ -258,8 +258,10 @@ def report(a):
     # ---- plots
     styles = {'vanilla': ('k', '-'), 'ip': ('tab:blue', '-'), 'sa': ('tab:green', '-'), 'reg': ('tab:red', '-'),
               'ip_eqtime': ('tab:blue', '--'), 'sa_eqtime': ('tab:green', '--'), 'reg_eqtime': ('tab:red', '--'),
-              'ft_vanilla': ('tab:gray', '-'), 'ft_reg': ('tab:purple', '-'), 'vanilla_N1000': ('k', ':')}
-    groups = {'': ['vanilla', 'ip', 'sa', 'reg', 'ip_eqtime', 'sa_eqtime', 'reg_eqtime', 'vanilla_N1000'],
+              'ft_vanilla': ('tab:gray', '-'), 'ft_reg': ('tab:purple', '-'), 'vanilla_N1000': ('k', ':'),
+              'vanilla_regsteps': ('tab:gray', '--')}
+    groups = {'': ['vanilla', 'ip', 'sa', 'reg', 'ip_eqtime', 'sa_eqtime', 'reg_eqtime', 'vanilla_regsteps',
+                   'vanilla_N1000'],
               '_finetune': ['vanilla', 'ft_vanilla', 'ft_reg']}
     for ds in ('8gaussians', 'swissroll', 'mnist'):
         for suffix, vs in groups.items():
@@ -282,7 +284,7 @@ def report(a):
             fig.savefig(os.path.join(RES, f'errprop_{ds}{suffix}.png'), dpi=90)
             plt.close(fig)
     for ds in ('8gaussians', 'swissroll', 'mnist'):
-        vs = [v for v in ['vanilla', 'ip', 'sa', 'reg', 'ip_eqtime', 'sa_eqtime', 'reg_eqtime', 'ft_vanilla', 'ft_reg']
+        vs = [v for v in ['vanilla', 'ip', 'sa', 'reg', 'ip_eqtime', 'sa_eqtime', 'reg_eqtime', 'vanilla_regsteps', 'ft_vanilla', 'ft_reg']
               + list(ABLATIONS) if (ds, v) in runs]
         if not vs:
             continue
@@ -305,7 +307,8 @@ def report(a):
         fig.tight_layout()
         fig.savefig(os.path.join(RES, f'final_metrics_{ds}.png'), dpi=90)
         plt.close(fig)
-    grids = [(v, os.path.join(RES, 'samples', f'mnist_{v}_s0.png')) for v in ('vanilla', 'reg', 'reg_eqtime', 'ip', 'sa')]
+    grids = [(v, os.path.join(RES, 'samples', f'mnist_{v}_s0.png'))
+             for v in ('vanilla', 'reg', 'reg_eqtime', 'vanilla_regsteps', 'ip', 'sa')]
     grids = [(v, path) for v, path in grids if os.path.isfile(path)]
     if grids:   # seed-0 EMA samples of each MNIST method next to real (downsampled) digits
         import torchvision

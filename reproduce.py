@@ -126,6 +126,10 @@ def job_list(a):
                     run('mnist', v, seed, MAIN[v.split('_')[0]] + mnist_flags(a),
                         'eqtime:' + v.split('_')[0] if eq else a.mnist_steps, deps=['timing_mnist'] if eq else (),
                         extra=dict(n_eval=a.mnist_n, t_stride=20, base_steps=a.mnist_steps, timing='timing_mnist'))
+            if v == 'reg_eqtime':   # control: vanilla for the steps --reg gets at equal time (seed 0)
+                run('mnist', 'vanilla_regsteps', 0, MAIN['vanilla'] + mnist_flags(a), 'eqtime:reg',
+                    deps=['timing_mnist'], extra=dict(n_eval=a.mnist_n, t_stride=20, base_steps=a.mnist_steps,
+                                                      timing='timing_mnist'))
             if v == 'vanilla' and a.mnist_n_full:   # seed 0's curve again, at the paper's N = M
                 run('mnist', f'vanilla_N{a.mnist_n_full}', 0, MAIN[v] + mnist_flags(a), a.mnist_steps,
                     deps=['mnist_vanilla_s0'], extra=dict(n_eval=a.mnist_n_full, t_stride=20, eval_of='mnist_vanilla_s0'))

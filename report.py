@@ -284,8 +284,8 @@ def report(a):
             fig.savefig(os.path.join(RES, f'errprop_{ds}{suffix}.png'), dpi=90)
             plt.close(fig)
     for ds in ('8gaussians', 'swissroll', 'mnist'):
-        vs = [v for v in ['vanilla', 'ip', 'sa', 'reg', 'ip_eqtime', 'sa_eqtime', 'reg_eqtime', 'vanilla_regsteps', 'ft_vanilla', 'ft_reg']
-              + list(ABLATIONS) if (ds, v) in runs]
+        vs = [v for v in ['vanilla', 'ip', 'sa', 'reg', 'ip_eqtime', 'sa_eqtime', 'reg_eqtime', 'vanilla_regsteps',
+                          'ft_vanilla', 'ft_reg'] + list(ABLATIONS) if (ds, v) in runs]
         if not vs:
             continue
         panels = [('D_MMD(t=0) vs training data, gaussian', lambda r: r['d_t0']['gaussian'])]

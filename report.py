@@ -266,7 +266,7 @@ def report(a):
     for ds in ('8gaussians', 'swissroll', 'mnist'):
         for suffix, vs in groups.items():
             vs = [v for v in vs if 'curve' in agg.get(f'{ds}/{v}', {})]
-            if not vs:
+            if not vs or vs == ['vanilla'] and suffix:   # a fine-tuning figure needs fine-tuning runs
                 continue
             fig, axes = plt.subplots(1, 3, figsize=(15, 4))
             for ax, k in zip(axes, KERNELS):

@@ -40,10 +40,6 @@ MNIST_DIR = os.path.join(ROOT, '..', 'shared', 'data')
 MNIST_FLAGS = ['--model', 'tiny', '--image-size', '14', '--batch-size', '64', '--data-dir', MNIST_DIR,
                '--warmup', '200', '--ema-decay', '0.995']
 
-
-def mnist_flags(a):
-    return MNIST_FLAGS + ['--lr', str(a.mnist_lr)]
-
 # variant -> (train.py flags, how many steps: 'S' | 'S/5' | 'eqtime' , curve or t=0 only)
 MAIN = {'vanilla': [], 'ip': ['--loss', 'ip'], 'sa': ['--loss', 'sa'], 'reg': ['--reg']}
 ABLATIONS = {
@@ -60,6 +56,10 @@ TIMED = {  # timing variants (interleaved in one process): name -> train.py flag
     **{f'reg_L{L}_full': ['--reg', '--reg-L', str(L)] for L in (1, 3, 5, 7, 9)},
     **{f'reg_L{L}_last': ['--reg', '--reg-L', str(L), '--reg-grad', 'last'] for L in (1, 3, 5, 7, 9)},
 }
+
+
+def mnist_flags(a):
+    return MNIST_FLAGS + ['--lr', str(a.mnist_lr)]
 
 
 def write_json(path, obj):
@@ -119,20 +119,18 @@ def job_list(a):
                     run('8gaussians', f'{v}_S{a.long_steps}', s2, MAIN[v], a.long_steps)
     if a.mnist:   # real MNIST, downsampled to 14x14, tiny U-Net: Q1, vanilla vs reg (equal steps, equal
         jobs.append(dict(name='timing_mnist', kind='timing', dataset='mnist', deps=[]))   # time), IP, SA
+        ev = dict(n_eval=a.mnist_n, t_stride=20, base_steps=a.mnist_steps, timing='timing_mnist')
         for v in ('vanilla', 'reg', 'reg_eqtime', 'ip', 'sa'):
+            method, eq = v.split('_')[0], v.endswith('_eqtime')
             if v in a.mnist_variants:
                 for seed in seeds:
-                    eq = v.endswith('_eqtime')
-                    run('mnist', v, seed, MAIN[v.split('_')[0]] + mnist_flags(a),
-                        'eqtime:' + v.split('_')[0] if eq else a.mnist_steps, deps=['timing_mnist'] if eq else (),
-                        extra=dict(n_eval=a.mnist_n, t_stride=20, base_steps=a.mnist_steps, timing='timing_mnist'))
+                    run('mnist', v, seed, MAIN[method] + mnist_flags(a), 'eqtime:reg' if eq else a.mnist_steps,
+                        deps=['timing_mnist'] if eq else (), extra=ev)
             if v == 'reg_eqtime':   # control: vanilla for the steps --reg gets at equal time (seed 0)
-                run('mnist', 'vanilla_regsteps', 0, MAIN['vanilla'] + mnist_flags(a), 'eqtime:reg',
-                    deps=['timing_mnist'], extra=dict(n_eval=a.mnist_n, t_stride=20, base_steps=a.mnist_steps,
-                                                      timing='timing_mnist'))
+                run('mnist', 'vanilla_regsteps', 0, mnist_flags(a), 'eqtime:reg', deps=['timing_mnist'], extra=ev)
             if v == 'vanilla' and a.mnist_n_full:   # seed 0's curve again, at the paper's N = M
-                run('mnist', f'vanilla_N{a.mnist_n_full}', 0, MAIN[v] + mnist_flags(a), a.mnist_steps,
-                    deps=['mnist_vanilla_s0'], extra=dict(n_eval=a.mnist_n_full, t_stride=20, eval_of='mnist_vanilla_s0'))
+                run('mnist', f'vanilla_N{a.mnist_n_full}', 0, mnist_flags(a), a.mnist_steps, deps=['mnist_vanilla_s0'],
+                    extra=dict(ev, n_eval=a.mnist_n_full, eval_of='mnist_vanilla_s0'))
     if a.only:
         jobs = [j for j in jobs if any(o in j['name'] for o in a.only)]
     return jobs
@@ -151,7 +149,8 @@ def job_timing(a, job):
     torch.set_num_threads(1)
     mnist = job.get('dataset') == 'mnist'
     base = ['--dataset', 'mnist'] + mnist_flags(a) if mnist else ['--dataset', '8gaussians']
-    timed = {k: fl for k, fl in TIMED.items() if not mnist or k in ('vanilla', 'ip', 'sa', 'reg_L5_full', 'reg_L5_last')}
+    timed = {k: fl for k, fl in TIMED.items()
+             if not mnist or k in ('vanilla', 'ip', 'sa', 'reg_L5_full', 'reg_L5_last')}
     cfgs = {k: train.parse_config(base + ['--seed', '0'] + fl)[0] for k, fl in timed.items()}
     data = train.training_set(cfgs['vanilla'])
     diff = Diffusion()

@@ -1,22 +1,24 @@
-"""Throughput and memory benchmarks: training speed, the cost of the consistency regulariser
-(Sec. 5; the paper's Fig. 4 is about this cost) and the cost of measuring D_MMD(t) (Sec. 4.2).
+"""Throughput and memory benchmarks of the training step, the cost of the consistency regulariser
+(Sec. 5; the paper's Fig. 4 is about this cost), the cost of measuring D_MMD(t) (Sec. 4.2), and
+the regulariser's gradient against the eps-MSE gradient on a trained model.
 
-    python bench.py                                    # all three, small settings: minutes on a CPU
+    python bench.py                                    # train, reg, errprop: minutes on a CPU
     python bench.py --what reg --batch-size 128 --k both --json reg.json
+    python bench.py --what methods --flags "--dataset 8gaussians" --variant vanilla= "ip=--loss ip"
+    python bench.py --what reg-grad --ckpt out/8gaussians
 
-Every measurement runs train.py's training step (train.compute_loss, backward, clip, Adam, EMA)
-on random uint8 images of CIFAR-10's shape. Shared CPU cores make timings noisy, so the reg table
-times its variants interleaved (each repetition runs every variant once) and reports medians of
-per-repetition ratios to vanilla. Memory is what a measurement allocated on top of what existed
-when it started: CUDA max_memory_allocated; CPU peak process RSS (VmHWM, reset per measurement;
-where that reset is not allowed, ru_maxrss growth, which never goes down).
+Every timing runs train.py's own step (train.local_batch, train.compute_loss, then
+train.optimizer_step: backward, clip, Adam, EMA), imported from train.py for that purpose.
+Shared CPU cores make timings noisy, so variants are timed interleaved (each repetition runs
+every variant once) and reported as medians of per-repetition ratios to the first variant.
+Memory is what a measurement allocated on top of what existed when it started: CUDA
+max_memory_allocated; on a CPU the peak process RSS (VmHWM, reset per measurement where Linux
+allows it, else ru_maxrss growth, which never goes down).
 """
 import argparse
 import contextlib
 import copy
 import ctypes
-import functools
-import json
 import os
 import platform
 import resource
@@ -27,6 +29,7 @@ import time
 
 import torch
 
+import runtime as R
 import train
 from diffusion import Diffusion
 from mmd import chunked, mmd2
@@ -72,98 +75,123 @@ def mem_peak_mb(dev, start):
             else (peak_rss_kb() - start) / 1024)
 
 
-def amp(dev, dtype):
-    return torch.autocast(dev.split(':')[0], torch.bfloat16) if dtype == 'bf16' else contextlib.nullcontext()
-
-
-def make_step(name, bs, dev, dtype, compile_):
-    """train.py's step for model config `name`: returns (step(i, cfg, loss_fn) -> stats, cfg, n_params)."""
-    cfg = train.parse_config(['--dataset', 'cifar10', '--model', name, '--batch-size', str(bs)])[0]
-    raw = build_model(cfg['model'], (3, 32, 32)).to(dev)
+def make_step(cfg, data, dev, dtype, compile_):
+    """train.py's step for config cfg on `data`: returns (step(i, cfg, fixed_k) -> stats, n_params).
+    One network and optimiser serve every cfg passed later (same model, other losses)."""
+    torch.manual_seed(R.seed_of(cfg['seed'], 'init'))
+    raw = build_model(cfg['model'], tuple(data.shape[1:]), **R.model_overrides(cfg)).to(dev)
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
     opt = torch.optim.Adam(raw.parameters(), lr=cfg['lr'])
     model = torch.compile(raw) if compile_ else raw
-    diff = Diffusion(cfg['T'], cfg['beta_1'], cfg['beta_T'], cfg['sigma'], dev)
-    data = torch.randint(0, 256, (4 * bs, 3, 32, 32), dtype=torch.uint8,
-                         generator=torch.Generator().manual_seed(0)).to(dev)
+    diff = R.make_diffusion(cfg, dev)
+    amp = torch.autocast(dev.split(':')[0], torch.bfloat16) if dtype == 'bf16' else contextlib.nullcontext()
 
-    def step(i, cfg=cfg, loss_fn=train.compute_loss):
-        torch.manual_seed(i)   # dropout, seeded per step as in train.py
+    def step(i, cfg=cfg, fixed_k=None):
+        torch.manual_seed(R.seed_of(cfg['seed'], 'dropout', i))   # as train.py
         x0 = train.local_batch(data, cfg, i, 0, 1, dev)
-        with amp(dev, dtype):
-            loss, stats = loss_fn(model, diff, x0, cfg, i)
+        with amp:
+            loss, stats = train.compute_loss(model, diff, x0, cfg, i, fixed_k=fixed_k)
         train.optimizer_step(loss, raw, opt, ema, cfg)
         return stats
-    return step, cfg, sum(p.numel() for p in raw.parameters())
+    return step, sum(p.numel() for p in raw.parameters())
 
 
-def loss_fixed_k(k):
-    """compute_loss with k fixed instead of k ~ U{1..L}: the cost without k's sampling noise."""
-    return functools.partial(train.compute_loss, fixed_k=k)
+def image_config(a, name, extra=()):
+    """The cifar10 preset with network `name` and --batch-size, on random uint8 CIFAR-sized data."""
+    bs = a.batch_size or (128 if a.gpu else 16 if name == 'small' else 4)
+    return R.parse_config(['--dataset', 'cifar10', '--model', name, '--batch-size', str(bs)] + list(extra))[0]
+
+
+def random_images(n, dev):
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(0)).to(dev)
+
+
+def time_variants(step, variants, a, dev):
+    """Interleaved timing: variants [(name, cfg, fixed_k)] all run a.iters steps in every one of
+    a.reps repetitions, on the same step indices (so the same r, k draws). Returns one row each:
+    median seconds per step, median per-repetition ratio to the first variant, peak memory."""
+    for _, cfg, k in variants:   # warm up (and compile) every code path
+        for i in range(a.warmup + 2 * a.compile):
+            step(i, cfg, k)
+    times, ks, mems = [[] for _ in variants], [[] for _ in variants], [0.0] * len(variants)
+    for rep in range(a.reps):
+        for j, (_, cfg, fixed_k) in enumerate(variants):
+            m0 = mem_start(dev)
+            t0 = time.perf_counter()
+            for i in range(a.iters):
+                ks[j].append(step(10_000 + rep * a.iters + i, cfg, fixed_k).get('k', 0))
+            sync(dev)
+            times[j].append((time.perf_counter() - t0) / a.iters)
+            mems[j] = max(mems[j], mem_peak_mb(dev, m0))
+        if a.verbose:
+            print(f'rep {rep + 1}/{a.reps}: ' + ', '.join(f'{v[0]} {1e3 * t[-1]:.1f} ms'
+                                                          for v, t in zip(variants, times)), flush=True)
+    return [dict(variant=name, s_per_step=statistics.median(times[j]), all_s_per_step=times[j],
+                 ratio=statistics.median(t / v for t, v in zip(times[j], times[0])),
+                 mean_k=statistics.mean(ks[j]), peak_mem_MB=mems[j], mem_ratio=mems[j] / max(mems[0], 1e-9))
+            for j, (name, _, _) in enumerate(variants)]
 
 
 def bench_train(a, dev):
     rows = []
     for name in a.model or ['small', 'cifar10']:
-        bs = a.batch_size or (128 if a.gpu else 16 if name == 'small' else 4)
+        cfg = image_config(a, name)
         for dtype in a.dtype:
             for comp in ([False, True] if a.compile else [False]):
                 m0 = mem_start(dev)   # before the model: weights, Adam state and EMA count too
-                step, cfg, n = make_step(name, bs, dev, dtype, comp)
+                step, n = make_step(cfg, random_images(4 * cfg['batch_size'], dev), dev, dtype, comp)
                 for i in range(a.warmup + 2 * comp):   # compile traces on its first calls
                     step(i)
                 sync(dev)
                 t0 = time.perf_counter()
-                for i in range(a.steps):
+                for i in range(a.iters):
                     step(1000 + i)
                 sync(dev)
                 dt = time.perf_counter() - t0
-                rows.append(dict(model=name, params_M=n / 1e6, batch=bs, dtype=dtype, compile=comp,
-                                 s_per_step=dt / a.steps, img_per_s=bs * a.steps / dt,
+                rows.append(dict(model=name, params_M=n / 1e6, batch=cfg['batch_size'], dtype=dtype,
+                                 compile=comp, s_per_step=dt / a.iters, img_per_s=cfg['batch_size'] * a.iters / dt,
                                  peak_mem_MB=mem_peak_mb(dev, m0)))
                 del step
     return rows
 
 
 def bench_reg(a, dev):
-    name, bs = (a.model or ['cifar10' if a.gpu else 'small'])[0], a.batch_size or (128 if a.gpu else 16)
-    dtype, comp, reps = a.dtype[-1], a.compile, a.reps or (5 if a.gpu else 3)
-    step, cfg0, _ = make_step(name, bs, dev, dtype, comp)
+    name = (a.model or ['cifar10' if a.gpu else 'small'])[0]
+    base = image_config(a, name)
+    step, _ = make_step(base, random_images(4 * base['batch_size'], dev), dev, a.dtype[-1], a.compile)
     k_modes = {'random', 'mean'} if a.k == 'both' else {a.k or ('random' if a.gpu else 'mean')}
-    variants = [('vanilla', None, '-', cfg0, train.compute_loss)]
+    variants = [('vanilla', base, None)]
     for L in a.reg_L:
         for grad in ('full', 'last'):
-            cfg = train.parse_config(['--dataset', 'cifar10', '--model', name, '--batch-size', str(bs),
-                                      '--reg', '--reg-L', str(L), '--reg-grad', grad])[0]
+            cfg = image_config(a, name, ['--reg', '--reg-L', str(L), '--reg-grad', grad])
             if 'random' in k_modes:
-                variants.append(('k~U{1..L}', L, grad, cfg, train.compute_loss))
+                variants.append((f'L={L} {grad} k~U{{1..L}}', cfg, None))
             if 'mean' in k_modes:   # cost is linear in k, so k = E[k] = (L+1)/2 gives the mean cost
-                variants.append((f'k={(L + 1) // 2} fixed', L, grad, cfg, loss_fixed_k((L + 1) // 2)))
-    for v in variants:   # warm up (and compile) every code path
-        for i in range(a.warmup + 2 * comp):
-            step(i, v[3], v[4])
-    times, ks, mems = [[] for _ in variants], [[] for _ in variants], [0.0] * len(variants)
-    for rep in range(reps):
-        for j, (_, _, _, cfg, loss_fn) in enumerate(variants):
-            m0 = mem_start(dev)
-            t0 = time.perf_counter()
-            for i in range(a.steps):   # the same step indices, so the same (r, k) draws, in every variant
-                ks[j].append(step(10_000 + rep * a.steps + i, cfg, loss_fn).get('k', 0))
-            sync(dev)
-            times[j].append((time.perf_counter() - t0) / a.steps)
-            mems[j] = max(mems[j], mem_peak_mb(dev, m0))
-    rows = [dict(variant=kind, L=L or '-', grad=grad, s_per_step=statistics.median(times[j]),
-                 ratio=statistics.median(t / v for t, v in zip(times[j], times[0])),
-                 mean_k=statistics.mean(ks[j]) if L else '-', peak_mem_MB=mems[j],
-                 mem_ratio=mems[j] / max(mems[0], 1e-9))
-            for j, (kind, L, grad, _, _) in enumerate(variants)]
-    return rows, (f'reg: model {name}, batch {bs}, {dtype}, compile {comp}; {reps} interleaved reps x '
-                  f'{a.steps} steps per variant; ratio = median over reps of t / t_vanilla')
+                variants.append((f'L={L} {grad} k={(L + 1) // 2}', cfg, (L + 1) // 2))
+    rows = time_variants(step, variants, a, dev)
+    for r in rows:
+        r.pop('all_s_per_step')
+    return rows, (f"reg: model {name}, batch {base['batch_size']}, {a.dtype[-1]}, compile {a.compile}; "
+                  f'{a.reps} interleaved reps x {a.iters} steps per variant; ratio = median over reps of t / t_vanilla')
+
+
+def bench_methods(a, dev):
+    """--variant NAME=FLAGS ...: train.py flag sets on top of --flags, on the real training set of
+    the first variant's data set, timed interleaved (reproduce.py's timing jobs)."""
+    variants = []
+    for v in a.variant:
+        name, _, flags = v.partition('=')
+        variants.append((name, R.parse_config(shlex.split(a.flags) + shlex.split(flags))[0], None))
+    data = train.training_set(variants[0][1]).to(dev)
+    step, _ = make_step(variants[0][1], data, dev, a.dtype[-1], a.compile)
+    rows = time_variants(step, variants, a, dev)
+    return {r.pop('variant'): dict(r, flags=shlex.split(v.partition('=')[2])) for r, v in zip(rows, a.variant)}
 
 
 def bench_errprop(a, dev):
-    name, reps = (a.model or ['cifar10' if a.gpu else 'small'])[0], a.reps or (3 if a.gpu else 1)
-    model, diff = build_model(name, (3, 32, 32)).to(dev).eval(), Diffusion(device=dev)
+    name = (a.model or ['cifar10' if a.gpu else 'small'])[0]
+    model, diff = build_model(name, (3, 32, 32)).to(dev).eval(), Diffusion(device=dev)   # DDPM's T = 1000
     net = chunked(model, a.chunk) if a.chunk else model
     g = torch.Generator(dev).manual_seed(0)
     x = torch.randn((a.n, 3, 32, 32), generator=g, device=dev)
@@ -171,9 +199,10 @@ def bench_errprop(a, dev):
     rows = []
     for dtype in a.dtype:
         ts, tm = [], []
-        for rep in range(reps + 1):   # rep 0: warm-up on a small slice
+        amp = torch.autocast(dev.split(':')[0], torch.bfloat16) if dtype == 'bf16' else contextlib.nullcontext()
+        for rep in range(a.reps + 1):   # rep 0: warm-up on a small slice
             xr, x0r = (x, x0) if rep else (x[:8], x0[:8])
-            with torch.no_grad(), amp(dev, dtype):
+            with torch.no_grad(), amp:
                 t0 = time.perf_counter()   # as errprop_curve: one ancestral step, then the measurement
                 diff.p_step(net, xr, 500, torch.randn(xr.shape, generator=g, device=dev))
                 sync(dev)
@@ -189,6 +218,29 @@ def bench_errprop(a, dev):
     return rows
 
 
+def bench_reg_grad(a, dev):
+    """How strong is the regulariser? |grad of lambda_reg w_r L_reg| / |grad of lambda_nll L_nll|
+    on --ckpt's EMA model with its own settings plus --reg at the paper's values, over a.batches
+    training batches: compute_loss once with lambda_reg = 0 and once with lambda_nll = 0, the same
+    step index (so the same t, noise, r and k) in both."""
+    model, _, saved = R.load_checkpoint(a.ckpt, dev, ema=True)
+    cfg = {**saved, 'reg': True, 'reg_L': 5, 'reg_grad': 'full', 'warm_start': True}
+    R.resolve_schedule(cfg)
+    data, ps, rows = train.training_set(cfg).to(dev), list(model.parameters()), []
+    diff = R.make_diffusion(cfg, dev)
+    norm = lambda gs: float(sum(x.pow(2).sum() for x in gs).sqrt())   # noqa: E731
+    for step in range(5000, 5000 + a.batches):
+        x0 = train.local_batch(data, cfg, step, 0, 1, dev)
+        nll, _ = train.compute_loss(model, diff, x0, {**cfg, 'lambda_reg': 0.0}, step)
+        reg, st = train.compute_loss(model, diff, x0, {**cfg, 'lambda_nll': 0.0}, step)
+        gn, gr = norm(torch.autograd.grad(nll, ps)), norm(torch.autograd.grad(reg, ps))
+        rows.append(dict(step=step, r=st['r'], k=st['k'], w=st['w'], grad_nll=gn, grad_reg=gr, ratio=gr / gn))
+    ratio = [r['ratio'] for r in rows]
+    return dict(rows=rows, median_ratio=statistics.median(ratio), min_ratio=min(ratio), max_ratio=max(ratio),
+                what=f"|grad of {cfg['lambda_reg']} w_r L_reg| / |grad of {cfg['lambda_nll']} L_nll|, "
+                     f"{a.ckpt} EMA model, batch {cfg['batch_size']} (halves for the regulariser)")
+
+
 def show(title, rows):
     cells = [[f'{v:.4g}' if isinstance(v, float) else str(v) for v in r.values()] for r in rows]
     w = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(rows[0])]
@@ -199,36 +251,48 @@ def show(title, rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--what', default='all', choices=('train', 'reg', 'errprop', 'all'))
+    p.add_argument('--what', default='all', choices=('train', 'reg', 'errprop', 'methods', 'reg-grad', 'all'),
+                   help='all = train, reg and errprop')
     p.add_argument('--model', nargs='+', help='train: these configs (default small cifar10); '
                    'reg, errprop: the first one (default small on CPU, cifar10 on GPU)')
     p.add_argument('--batch-size', type=int, help='default 128 on GPU; CPU: 16 (small), 4 (others)')
-    p.add_argument('--steps', type=int, help='timed steps (reg: per variant and rep); default GPU 20, CPU 2')
+    p.add_argument('--iters', type=int, help='timed steps (per variant and rep); default GPU 20, CPU 2')
     p.add_argument('--warmup', type=int, help='untimed steps first; default GPU 3, CPU 1')
-    p.add_argument('--reps', type=int, help='repetitions; default reg 5 GPU, 3 CPU; errprop 3 GPU, 1 CPU')
+    p.add_argument('--reps', type=int, help='interleaved repetitions (reg, methods, errprop); default '
+                                            'GPU 5, CPU 3 (errprop: GPU 3, CPU 1)')
     p.add_argument('--device', default='auto')
     p.add_argument('--threads', type=int, help="torch.set_num_threads (default: torch's own choice)")
     p.add_argument('--dtype', nargs='+', choices=('fp32', 'bf16'), help='default GPU fp32 bf16, CPU fp32')
     p.add_argument('--compile', action=argparse.BooleanOptionalAction, help='default: on for GPU')
     p.add_argument('--reg-L', type=int, nargs='+', default=[1, 3, 5, 7, 9])
-    p.add_argument('--k', choices=('random', 'mean', 'both'), help='reg: k ~ U{1..L} via '
-                   'train.compute_loss and/or k fixed at (L+1)/2; default GPU random, CPU mean')
+    p.add_argument('--k', choices=('random', 'mean', 'both'), help='reg: k ~ U{1..L} as in training '
+                   'and/or k fixed at (L+1)/2; default GPU random, CPU mean')
+    p.add_argument('--flags', default='', help='methods: train.py flags common to every variant')
+    p.add_argument('--variant', nargs='+', default=[], help='methods: NAME=FLAGS (the first is the reference)')
+    p.add_argument('--ckpt', help='reg-grad: the trained run')
+    p.add_argument('--batches', type=int, default=12, help='reg-grad: training batches')
     p.add_argument('--n', type=int, default=1000, help='errprop: N = M samples')
     p.add_argument('--chunk', type=int, help='errprop: network batch size (default: all N at once)')
-    p.add_argument('--json', help='also write the tables to this JSON file')
+    p.add_argument('--verbose', action='store_true', help='print every repetition')
+    p.add_argument('--json', help='also write the results to this JSON file')
     a = p.parse_args(argv)
-    dev = a.device if a.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
-    a.gpu = dev.startswith('cuda')
-    if a.gpu:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # as train.py
     if a.threads:
         torch.set_num_threads(a.threads)
-    a.steps = a.steps or (20 if a.gpu else 2)
+    dev = R.setup_device(a.device, distributed=False)[0]
+    a.gpu = dev.startswith('cuda')
+    a.iters = a.iters or (20 if a.gpu else 2)
     a.warmup = (3 if a.gpu else 1) if a.warmup is None else a.warmup
     a.dtype = a.dtype or (['fp32', 'bf16'] if a.gpu else ['fp32'])
     a.compile = a.gpu if a.compile is None else a.compile
-    if a.steps < 1 or a.warmup < 0 or (a.reps or 1) < 1 or (a.batch_size or 4) < 4 or a.n < 4 or min(a.reg_L) < 1:
-        raise SystemExit('error: --steps, --reps, --reg-L must be >= 1, --warmup >= 0, --batch-size and --n >= 4')
+    a.reps = a.reps or ((3 if a.gpu else 1) if a.what == 'errprop' else (5 if a.gpu else 3))
+    if a.iters < 1 or a.warmup < 0 or a.reps < 1 or (a.batch_size or 4) < 4 or a.n < 4 or min(a.reg_L) < 1:
+        R.fail('--iters, --reps, --reg-L must be >= 1, --warmup >= 0, --batch-size and --n >= 4')
+    if a.what == 'methods' and not a.variant:
+        R.fail('--what methods needs --variant NAME=FLAGS (one or more)')
+    if a.what == 'reg-grad' and not a.ckpt:
+        R.fail('--what reg-grad needs --ckpt RUN')
+    if a.json:
+        R.check_writable(a.json)
     try:
         name = torch.cuda.get_device_name(dev) if a.gpu else proc_field('model name', '/proc/cpuinfo')
     except (OSError, StopIteration):
@@ -245,23 +309,29 @@ def main(argv=None):
           + ' growth over the start of each measurement')
     if a.what in ('train', 'all'):
         out['train'] = bench_train(a, dev)
-        show(f'train: {a.warmup} warm-up + {a.steps} timed steps each', out['train'])
+        show(f'train: {a.warmup} warm-up + {a.iters} timed steps each', out['train'])
     if a.what in ('reg', 'all'):
         out['reg'], head = bench_reg(a, dev)
         show(head, out['reg'])
-        for kind in sorted({r['variant'] for r in out['reg'] if r['L'] == 5}):
-            got = {r['grad']: r['ratio'] for r in out['reg'] if r['variant'] == kind and r['L'] == 5}
-            print(f'goal L=5 ({kind}): ' + ', '.join(
-                f"{g} {got[g]:.2f}x vanilla (<= {lim}x: {'PASS' if got[g] <= lim else 'MISS'})"
-                for g, lim in (('full', 2.8), ('last', 2.0))))
+    if a.what == 'methods':
+        out['methods'] = bench_methods(a, dev)
+        show(f'methods ({a.reps} interleaved reps x {a.iters} steps; ratio to {a.variant[0].partition("=")[0]})',
+             [dict(method=k, ms_per_step=1e3 * r['s_per_step'], ratio=r['ratio']) for k, r in out['methods'].items()])
     if a.what in ('errprop', 'all'):
         out['errprop'] = bench_errprop(a, dev)
         show('errprop: one chain step of errprop_curve = p_step on N, then q_sample + MMD^2 (3 kernels, '
              'U-statistic) on N = M; T1000_total_min = projected whole T = 1000 run', out['errprop'])
+    if a.what == 'reg-grad':
+        out['reg_grad'] = bench_reg_grad(a, dev)
+        r = out['reg_grad']
+        print(f"{r['what']}: median {r['median_ratio']:.3f} (range {r['min_ratio']:.3f}-{r['max_ratio']:.3f}, "
+              f'{a.batches} batches)')
     if a.json:
-        with open(a.json, 'w') as f:
-            json.dump(out, f, indent=1)
+        R.write_json(a.json, out)
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:   # bad input: one clear line, no traceback
+        raise SystemExit(f'error: {e}') from None

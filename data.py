@@ -1,8 +1,6 @@
 """
-Data sets, each held in memory as ONE tensor; training draws batches by index.
-
-Batches are a pure function of (seed, step) via batch_indices(), which gives exact resume and identical
-batches on every DDP rank (each rank then takes its own slice).
+Data sets, each held in memory as ONE tensor. Training draws batches by index
+(train.batch_indices); evaluation draws a seeded subset (random_examples).
 
 Images: load_data returns uint8 (N, C, H, W); to_model_space maps to float32 in [-1, 1].
 Toy sets: load_data returns float32 (N, D), drawn from sample_toy with a generator seeded by `seed`.
@@ -39,7 +37,8 @@ def is_toy(name):
 
 
 def uses_flips(name):
-    """Random horizontal flips in training (DDPM used them on CIFAR-10 and CelebA)."""
+    """Random horizontal flips in training: DDPM used them on CIFAR-10 and CelebA; ImageNet-32 and
+    image folders (natural images) get them too; digits and toy sets do not."""
     return name in ('cifar10', 'celeba64', 'imagenet32', 'folder')
 
 
@@ -58,23 +57,6 @@ def to_uint8(x):
 def data_shape(data):
     """Per-example shape: (C, H, W) for images, (D,) for toy data."""
     return tuple(data.shape[1:])
-
-
-# ----------------------------------------------------------------------------- batching
-
-@functools.lru_cache(maxsize=2)
-def _epoch_perm(n, seed, epoch):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-def batch_indices(n, batch_size, step, seed):
-    """LongTensor (batch_size,) of example indices for global `step`: one random permutation per
-    epoch (without replacement), drop-last. Pure function of its arguments."""
-    if batch_size < 1 or batch_size > n:
-        raise ValueError(f"batch_size {batch_size} must be in [1, data set size {n}]: lower --batch-size")
-    bpe = n // batch_size
-    epoch, i = divmod(step, bpe)
-    return _epoch_perm(n, seed, epoch)[i * batch_size:(i + 1) * batch_size].clone()
 
 
 # ----------------------------------------------------------------------------- toy sets
@@ -139,9 +121,14 @@ def _resize(x, size):
 
 def _load_square(path, size, crop=None):
     """One image file -> uint8 HWC numpy (size, size, 3): centre crop (`crop` or the short side), resize."""
-    from PIL import Image
-    with Image.open(path) as im:
+    from PIL import Image, UnidentifiedImageError
+    try:
+        im = Image.open(path)
         im = im.convert('RGB')
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        raise ValueError(f'{path} is not a readable image ({type(e).__name__}): remove it from the '
+                         f'data folder') from None
+    with im:
         w, h = im.size
         c = crop or min(w, h)
         left, top = (w - c) // 2, (h - c) // 2
@@ -276,6 +263,16 @@ def _load_folder(data_dir, image_size):
         raise FileNotFoundError(f"no images ({'/'.join(e[1:] for e in IMAGE_EXTS)}) found under {data_dir}: "
                                 f"pass --data-dir DIR pointing at a folder of images")
     return _stack_hwc([_load_square(p, image_size) for p in files])
+
+
+def random_examples(n, pick_seed, name, data_dir='data', image_size=None, toy_n=50000, seed=0):
+    """n examples of the training set (a seeded choice without replacement) in model space: the x_0
+    of q(x_t) for D_MMD(t), and real data for the other measurements. Toy sets too use their
+    training set, since the model is compared with what it was trained on."""
+    x = load_data(name, data_dir, image_size, toy_n, seed)
+    if n > len(x):
+        raise ValueError(f'{n} examples asked of the {len(x)} of {name}: ask for fewer')
+    return to_model_space(x[torch.randperm(len(x), generator=torch.Generator().manual_seed(pick_seed))[:n]])
 
 
 def load_data(name, data_dir='data', image_size=None, toy_n=50000, seed=0, download=True):

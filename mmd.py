@@ -14,6 +14,12 @@ KERNELS = ('gaussian', 'laplace', 'imq', 'multigauss')
 ESTIMATORS = ('v', 'u')   # V-statistic of Eq. (10) (diagonal included) / unbiased U-statistic
 
 
+def signed_sqrt(v):
+    """sign(v) sqrt|v| of an MMD^2 estimate: the U-statistic can be < 0, and its noise around 0
+    stays visible instead of being clipped."""
+    return math.copysign(math.sqrt(abs(v)), v)
+
+
 def pairwise_sq_dists(a, b):
     """Squared distances between rows of a (N, K) and b (M, K) -> (N, M), clamped at 0."""
     d2 = a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1)[None] - 2.0 * a @ b.T
@@ -181,7 +187,7 @@ def errprop_curve(model, diff, x0_real, n=1000, kernels=('gaussian', 'laplace', 
         out['t'].append(t)
         for k, v in mmd2_many(x, y, kernels, estimator).items():
             v = v.item()
-            out[k].append(math.copysign(math.sqrt(abs(v)), v))
+            out[k].append(signed_sqrt(v))
         if progress is not None:
             progress(t)
 

@@ -25,6 +25,27 @@ def timestep_embedding(t, dim):
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+class ShardedDropout(nn.Dropout):
+    """Dropout whose mask is drawn for the whole global batch and sliced to this rank's share
+    (rank, world: set_dropout_shard), so a sample's mask depends on its index in the global batch,
+    not on the rank holding it: N DDP ranks drop exactly what one process drops. Costs a mask of
+    the global batch per rank; in eval mode it is the identity."""
+    rank, world = 0, 1
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        b = x.shape[0]
+        u = torch.rand((b * self.world, *x.shape[1:]), device=x.device)[self.rank * b:(self.rank + 1) * b]
+        return x * (u >= self.p).to(x.dtype) / (1 - self.p)
+
+
+def set_dropout_shard(model, rank, world):
+    for m in model.modules():
+        if isinstance(m, ShardedDropout):
+            m.rank, m.world = rank, world
+
+
 # -----------------------------------------------------------------------------
 # U-Net (DDPM). PyTorch default init everywhere (DDPM zero-inits some output convs; not needed here).
 
@@ -35,7 +56,7 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_dim, out_ch)
         self.norm2 = nn.GroupNorm(32, out_ch, eps=1e-6)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = ShardedDropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 

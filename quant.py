@@ -11,7 +11,6 @@ On the 8gaussians toy the affine map removes about twice as much trajectory erro
     python evaluate.py quanterr --ckpt out/8gaussians --quant w8a8 w4a8
 """
 import copy
-import json
 import math
 import os
 import re
@@ -19,7 +18,8 @@ import re
 import torch
 import torch.nn as nn
 
-from mmd import chunked, mmd2
+import runtime as R
+from mmd import chunked, mmd2, signed_sqrt
 
 SPECS = ('w8a8', 'w4a8')
 FITS = ('affine', 'bias')
@@ -189,9 +189,7 @@ def weights_fingerprint(model):
 
 
 def save_calibration(path, calib):
-    tmp = f'{path}.{os.getpid()}.tmp'   # pid: ranks that calibrate side by side never share a tmp file
-    torch.save(calib, tmp)
-    os.replace(tmp, path)
+    R.atomic_write(path, lambda f: torch.save(calib, f))
 
 
 def load_calibration(path):
@@ -257,9 +255,21 @@ def quanterr(model, diff, x0_real, spec, calib=None, n=256, seed=0, device='cpu'
     for k in kernels:
         for name, xi in zip(('fp', 'q', 'qc'), xs):
             v = mmd2(xi, real, k, estimator).item()
-            out['mmd0_kernels'][k][name] = math.copysign(math.sqrt(abs(v)), v)
+            out['mmd0_kernels'][k][name] = signed_sqrt(v)
     out['mmd0'] = out['mmd0_kernels'][kernels[0]]
     return out
+
+
+def for_sampling(model, diff, shape, ckpt_path, spec='none', compensate=False, n_traj=None,
+                 recalibrate=False, device='cpu'):
+    """The network to sample with (sample.py, evaluate.py --quant): `model` itself for spec 'none',
+    else its fake-quantised (and with `compensate`, corrected) copy from the stored calibration."""
+    if spec == 'none':
+        if compensate:
+            raise ValueError('--quant-compensate needs --quant w8a8 or w4a8')
+        return model
+    c = get_calibration(model, diff, shape, spec, ckpt_path, n_traj, recalibrate=recalibrate, device=device)
+    return build_quantized(model, c, compensate)
 
 
 def plot_quanterr(results, path):
@@ -275,77 +285,4 @@ def plot_quanterr(results, path):
     ax.set_xlabel('t')
     ax.set_ylabel('RMS distance to the full-precision chain')
     ax.legend()
-    tmp = path + '.tmp.png'
-    fig.savefig(tmp, dpi=120, bbox_inches='tight')
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-# ---- command-line glue for evaluate.py and sample.py --------------------------------------------
-
-def add_quant_args(p):
-    """--quant / --quant-compensate (+ calibration settings) for sample.py and evaluate.py."""
-    p.add_argument('--quant', default='none', choices=('none',) + SPECS, help='fake-quantised sampling')
-    p.add_argument('--quant-compensate', action='store_true', help='apply the timestep-aware correction')
-    p.add_argument('--calib-traj', type=int, help='calibration chains (default 4 x 64 toy, 2 x 16 images)')
-    p.add_argument('--recalibrate', action='store_true', help='ignore a stored quant_<spec>.pt')
-
-
-def apply_quant(model, diff, shape, ckpt_path, args, device):
-    """The model to sample with: unchanged for --quant none, else the (compensated) quantised copy."""
-    if args.quant == 'none':
-        if args.quant_compensate:
-            raise SystemExit('error: --quant-compensate needs --quant w8a8 or w4a8')
-        return model
-    c = get_calibration(model, diff, shape, args.quant, ckpt_path, args.calib_traj,
-                        recalibrate=args.recalibrate, device=device)
-    return build_quantized(model, c, args.quant_compensate)
-
-
-def add_quanterr_args(p):
-    p.add_argument('--ckpt', required=True, help='run folder, ckpt.pt, or diffusers DDPM folder')
-    p.add_argument('--quant', nargs='+', default=list(SPECS), type=str, help='specs, e.g. w8a8 w4a8')
-    p.add_argument('--n', type=int, default=256, help='chains compared (and real samples for D_MMD)')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--calib-traj', type=int, help='calibration chains (default 4 x 64 toy, 2 x 16 images)')
-    p.add_argument('--calib-batch', type=int)
-    p.add_argument('--fit', choices=FITS, default='affine', help='correction per (t, channel)')
-    p.add_argument('--recalibrate', action='store_true', help='ignore a stored quant_<spec>.pt')
-    p.add_argument('--batch-size', type=int, help='chunk network calls (memory)')
-    p.add_argument('--data-dir', help="real data for D_MMD(0) (default: the run's data_dir)")
-    p.add_argument('--out', default='quanterr', help='writes OUT.json and OUT.png')
-    p.add_argument('--device', default='auto')
-
-
-def main_quanterr(args):
-    import data as D
-    from train import load_checkpoint
-    for s in args.quant:
-        parse_spec(s)
-    if args.n < 2:
-        raise SystemExit('error: --n must be >= 2 (unbiased MMD)')
-    device = args.device if args.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
-    model, diff, cfg = load_checkpoint(args.ckpt, device)
-    shape = tuple(cfg['data_shape'])
-    g = torch.Generator().manual_seed(args.seed + 1)
-    if D.is_toy(cfg['dataset']):
-        x0 = D.sample_toy(cfg['dataset'], args.n, g)
-    else:
-        data = D.load_data(cfg['dataset'], args.data_dir or cfg['data_dir'], cfg['image_size'], download=False)
-        x0 = D.to_model_space(data[torch.randperm(len(data), generator=g)[:args.n]])
-    results = {}
-    for spec in args.quant:
-        c = get_calibration(model, diff, shape, spec, args.ckpt, args.calib_traj, args.calib_batch,
-                            args.recalibrate, device, args.fit)
-        r = results[spec] = quanterr(model, diff, x0, spec, c, args.n, args.seed, device,
-                                     batch_size=args.batch_size)
-        m = r['mmd0']
-        print(f"{spec}: traj RMS at t=0 Q={r['err_q'][-1]:.4g} Q+comp={r['err_qc'][-1]:.4g}; "
-              f"D_MMD(0) FP={m['fp']:.4g} Q={m['q']:.4g} Q+comp={m['qc']:.4g}")
-    out = args.out[:-5] if args.out.endswith('.json') else args.out
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + '.json.tmp', 'w') as f:
-        json.dump(dict(ckpt=args.ckpt, n=args.n, seed=args.seed, fit=args.fit, results=results), f)
-    os.replace(out + '.json.tmp', out + '.json')
-    plot_quanterr(results, out + '.png')
-    print(f'wrote {out}.json and {out}.png')
+    R.save_figure(fig, path)

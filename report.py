@@ -4,17 +4,64 @@ data set, final metrics, time per step against L, MNIST sample grids).
 
     python reproduce.py --report     # re-aggregate results/runs/*.json (report.report)
 
-Reads only results/runs/*.json, results/timing*.json and, for the diagnostics and the
-reference floors, the checkpoints in out/repro/ and the data.
+Reads only results/runs/*.json, results/timing*.json, results/diagnostics.json and, for the
+reference floors, the data. Also home of the protocol's shared constants (reproduce.py imports them).
 """
-import math
+import json
 import os
 import statistics
 
 import torch
 
-from reproduce import (ABLATIONS, EVAL_SEED, FRESH_SEED, KERNELS, MNIST_FLAGS, OUT, RES, SAMPLE_SEED,
-                       mnist_flags, read_json, result_path, run_json, write_json)
+import data as D
+import runtime as R
+from mmd import mmd2, signed_sqrt
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# where results (committed) and raw runs (git-ignored) go; the environment can redirect both
+RES = os.environ.get('REPRO_RESULTS', os.path.join(ROOT, 'results'))
+OUT = os.environ.get('REPRO_OUT', os.path.join(ROOT, 'out', 'repro'))
+KERNELS = ('gaussian', 'laplace', 'imq')
+DATASETS = ('8gaussians', 'swissroll', 'mnist')
+EVAL_SEED, SAMPLE_SEED, FRESH_SEED = 0, 1, 99991
+MNIST_DIR = os.path.join(ROOT, '..', 'shared', 'data')
+# the CPU-sized MNIST preset (runtime.py), --data-dir where earlier results files have it
+MNIST_FLAGS = [*R.MNIST14_FLAGS[:6], '--data-dir', MNIST_DIR, *R.MNIST14_FLAGS[6:]]
+
+# variant -> (train.py flags, how many steps: 'S' | 'S/5' | 'eqtime' , curve or t=0 only)
+MAIN = {'vanilla': [], 'ip': ['--loss', 'ip'], 'sa': ['--loss', 'sa'], 'reg': ['--reg']}
+ABLATIONS = {
+    'abl_uniform': ['--reg', '--reg-weight', 'uniform'],
+    'abl_nows_L5': ['--reg', '--no-warm-start'],
+    'abl_nows_L7': ['--reg', '--no-warm-start', '--reg-L', '7'],
+    'abl_L1': ['--reg', '--reg-L', '1'], 'abl_L3': ['--reg', '--reg-L', '3'],
+    'abl_L7': ['--reg', '--reg-L', '7'], 'abl_L9': ['--reg', '--reg-L', '9'],
+    'abl_sum1': ['--reg', '--reg-norm', 'sum1'],
+    'abl_last': ['--reg', '--reg-grad', 'last'],
+}
+TIMED = {  # timing variants (interleaved in one process): name -> train.py flags
+    'vanilla': [], 'ip': ['--loss', 'ip'], 'sa': ['--loss', 'sa'],
+    **{f'reg_L{L}_full': ['--reg', '--reg-L', str(L)] for L in (1, 3, 5, 7, 9)},
+    **{f'reg_L{L}_last': ['--reg', '--reg-L', str(L), '--reg-grad', 'last'] for L in (1, 3, 5, 7, 9)},
+}
+
+
+def mnist_flags(a):
+    return MNIST_FLAGS + ['--lr', str(a.mnist_lr)]
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_json(name):
+    return os.path.join(RES, 'runs', name + '.json')
+
+
+def result_path(name):
+    """The file whose existence means job `name` is done."""
+    return os.path.join(RES, name + '.json') if name.startswith(('timing', 'diagnostics')) else run_json(name)
 
 
 def mean_std(xs):
@@ -29,115 +76,55 @@ def fmt(xs, digits=4):
     return '-' if m is None else f'{m:.{digits}f} ± {s:.{digits}f}' + ('' if n == 3 else f' (n={n})')
 
 
+def examples(cfg, n):
+    """The evaluation's x_0: n training examples drawn with EVAL_SEED (as errprop does)."""
+    return D.random_examples(n, EVAL_SEED, cfg['dataset'], cfg['data_dir'], cfg['image_size'], cfg['toy_n'],
+                             cfg['seed'])
+
+
 @torch.no_grad()
 def reference_floor(ds, n):
     """What a perfect model would score: fresh draws of the true distribution in place of the
     model's samples (D_MMD(t=0) vs the training subset, and vs the fresh reference set)."""
-    import data as D
-    import train
-    from evaluate import real_examples
-    from mmd import mmd2
     out = {}
     if ds == 'mnist':   # n other real digits, disjoint from the evaluation set, three times
-        cfg = train.parse_config(['--dataset', ds] + MNIST_FLAGS)[0]
+        cfg = R.parse_config(['--dataset', ds] + MNIST_FLAGS)[0]
         x = D.to_model_space(D.load_data(ds, cfg['data_dir'], cfg['image_size']))
         idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(EVAL_SEED))
-        x0 = real_examples(cfg, n, EVAL_SEED)   # == x[idx[:n]]
+        x0 = examples(cfg, n)   # == x[idx[:n]]
         for i in (1, 2, 3):
             for k in KERNELS:
-                v = float(mmd2(x[idx[i * n:(i + 1) * n]], x0, k, 'u'))
-                out.setdefault(k, []).append(math.copysign(math.sqrt(abs(v)), v))
+                out.setdefault(k, []).append(signed_sqrt(float(mmd2(x[idx[i * n:(i + 1) * n]], x0, k, 'u'))))
         return out
     for seed in (0, 1, 2):
-        cfg = train.parse_config(['--dataset', ds, '--seed', str(seed)])[0]
-        x0 = real_examples(cfg, n, EVAL_SEED)
+        cfg = R.parse_config(['--dataset', ds, '--seed', str(seed)])[0]
+        x0 = examples(cfg, n)
         s = D.sample_toy(ds, n, torch.Generator().manual_seed(777 + seed))
         fresh = D.sample_toy(ds, 2000, torch.Generator().manual_seed(FRESH_SEED))
         for k in KERNELS:
-            v = float(mmd2(s, x0, k, 'u'))
-            out.setdefault(k, []).append(math.copysign(math.sqrt(abs(v)), v))
+            out.setdefault(k, []).append(signed_sqrt(float(mmd2(s, x0, k, 'u'))))
         s1 = D.sample_toy(ds, 1000, torch.Generator().manual_seed(555 + seed))
-        v = float(mmd2(s1, fresh, 'gaussian', 'u'))
-        out.setdefault('mmd_true', []).append(math.copysign(math.sqrt(abs(v)), v))
+        out.setdefault('mmd_true', []).append(signed_sqrt(float(mmd2(s1, fresh, 'gaussian', 'u'))))
     return out
 
 
-def reg_grad_ratio(run, n_batches=12):
-    """How strong is the regulariser? |grad of lambda_reg w_r L_reg| / |grad of lambda_nll L_nll|
-    (paper defaults: L 5, multigauss, full gradient, warm start) on run's trained EMA model, for
-    n_batches training batches (the first half of each batch against the second for the MMD)."""
-    import train
-    from mmd import consistency_reg, reg_weight
-    model, diff, cfg = train.load_checkpoint(os.path.join(OUT, run), ema=True)
-    data, ps, rows, half = train.training_set(cfg), list(model.parameters()), [], cfg['batch_size'] // 2
-    norm = lambda gs: float(sum(x.pow(2).sum() for x in gs).sqrt())   # noqa: E731
-    for step in range(5000, 5000 + n_batches):
-        x0 = train.local_batch(data, cfg, step, 0, 1, 'cpu')
-        g = torch.Generator().manual_seed(step)
-        t = torch.randint(1, diff.T + 1, (len(x0),), generator=g)
-        gn = torch.autograd.grad(diff.loss_eps(model, x0, t, torch.randn(x0.shape, generator=g)), ps)
-        r, k = int(torch.randint(0, diff.T, (1,), generator=g)), int(torch.randint(1, 6, (1,), generator=g))
-        reg = consistency_reg(model, diff, x0[:half], x0[half:], r, k, lambda sh: torch.randn(sh, generator=g),
-                              'full', True, 'multigauss', 'mmd')
-        gr = torch.autograd.grad(reg, ps)
-        rows.append(dict(r=r, k=k, reg=float(reg.detach()), g_nll=cfg['lambda_nll'] * norm(gn),
-                         g_reg=cfg['lambda_reg'] * reg_weight(r, diff.T) * norm(gr)))
-    ratio = [x['g_reg'] / x['g_nll'] for x in rows]
-    return dict(rows=rows, median_ratio=statistics.median(ratio), min_ratio=min(ratio), max_ratio=max(ratio),
-                what=f'|grad of 0.2 w_r L_reg| / |grad of 0.8 L_nll|, {run} EMA model, batch '
-                     f'{2 * half} ({half} + {half} for the regulariser)')
-
-
-def diagnostics():
-    """Small checks that explain the numbers (cached in results/diagnostics.json): (1) the size of
-    the regulariser's gradient against the eps-MSE gradient at the paper's lambdas on the trained
-    vanilla seed-0 models (8gaussians; MNIST when its run exists); (2) how far 8gaussians samples
-    lie from the nearest of the 8 modes (true std 0.1 per coordinate), main methods at seed 0."""
-    import train
-    path = os.path.join(RES, 'diagnostics.json')
-    out = read_json(path) if os.path.isfile(path) else {}
-    torch.set_num_threads(1)
-    if 'reg_grad_mnist' not in out and os.path.isfile(run_json('mnist_vanilla_s0')):
-        out['reg_grad_mnist'] = reg_grad_ratio('mnist_vanilla_s0')
-        write_json(path, out)
-    if 'reg_grad' in out or not os.path.isfile(run_json('8gaussians_vanilla_s0')):
-        return out or None
-    out['reg_grad'] = reg_grad_ratio('8gaussians_vanilla_s0')
-    spread = {}
-    for v in ('vanilla', 'ip', 'sa', 'reg', 'reg_eqtime'):
-        if not os.path.isfile(run_json(f'8gaussians_{v}_s0')):
-            continue
-        m, d, _ = train.load_checkpoint(os.path.join(OUT, f'8gaussians_{v}_s0'), ema=True)
-        with torch.no_grad():
-            x = d.sample(m, (1000, 2), generator=torch.Generator().manual_seed(SAMPLE_SEED))
-        ang = torch.round(torch.atan2(x[:, 1], x[:, 0]) / (math.pi / 4)) * (math.pi / 4)
-        dist = (x - 2 * torch.stack([ang.cos(), ang.sin()], 1)).norm(dim=1)
-        spread[v] = dict(rms_dist_to_mode=float(dist.pow(2).mean().sqrt()),
-                         frac_farther_than_0_5=float((dist > 0.5).float().mean()))
-    import data as D
-    x = D.sample_toy('8gaussians', 1000, torch.Generator().manual_seed(SAMPLE_SEED))
-    ang = torch.round(torch.atan2(x[:, 1], x[:, 0]) / (math.pi / 4)) * (math.pi / 4)
-    dist = (x - 2 * torch.stack([ang.cos(), ang.sin()], 1)).norm(dim=1)
-    spread['true distribution'] = dict(rms_dist_to_mode=float(dist.pow(2).mean().sqrt()),
-                                       frac_farther_than_0_5=float((dist > 0.5).float().mean()))
-    out['mode_spread_seed0'] = spread
-    write_json(path, out)
-    return out
-
-
-def report(a):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    runs = {}
-    if os.path.isdir(os.path.join(RES, 'runs')):
-        for f in sorted(os.listdir(os.path.join(RES, 'runs'))):
-            if f.endswith('.json'):
-                r = read_json(os.path.join(RES, 'runs', f))
-                runs.setdefault((r['job']['dataset'], r['job']['variant']), []).append(r)
-    agg, lines = {}, []
-    for (ds, v), rs in sorted(runs.items()):
+def load_runs():
+    """{(data set, variant): [run JSON, ...] sorted by seed} from results/runs/."""
+    runs, folder = {}, os.path.join(RES, 'runs')
+    for f in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if f.endswith('.json'):
+            r = read_json(os.path.join(folder, f))
+            runs.setdefault((r['job']['dataset'], r['job']['variant']), []).append(r)
+    for rs in runs.values():
         rs.sort(key=lambda r: r['job']['seed'])
+    return runs
+
+
+def aggregate(runs):
+    """{'ds/variant': mean and spread over seeds of the final metrics and, where measured, of the
+    whole D_MMD(t) curve}."""
+    agg = {}
+    for (ds, v), rs in sorted(runs.items()):
         e = dict(seeds=[r['job']['seed'] for r in rs], steps=[r['steps'] for r in rs],
                  eqtime_ratio=rs[0]['eqtime_ratio'], train_argv=rs[0]['train_argv'],
                  d_t0={k: mean_std([r['d_t0'][k] for r in rs])[:2] for k in KERNELS},
@@ -147,28 +134,35 @@ def report(a):
                                 d_T={k: r['curve'][k][0] for k in KERNELS}) for r in rs])
         if rs[0]['t_stride'] < rs[0]['curve']['t'][0]:
             ts = rs[0]['curve']['t']
-            e['curve'] = dict(t=ts, **{k: dict(mean=[statistics.mean(r['curve'][k][i] for r in rs) for i in range(len(ts))],
-                                               std=[statistics.stdev(r['curve'][k][i] for r in rs) if len(rs) > 1 else 0.0
-                                                    for i in range(len(ts))]) for k in KERNELS})
+            e['curve'] = dict(t=ts, **{k: dict(
+                mean=[statistics.mean(r['curve'][k][i] for r in rs) for i in range(len(ts))],
+                std=[statistics.stdev(r['curve'][k][i] for r in rs) if len(rs) > 1 else 0.0
+                     for i in range(len(ts))]) for k in KERNELS})
         agg[f'{ds}/{v}'] = e
-    floors = {ds: reference_floor(ds, a.mnist_n if ds == 'mnist' else a.n) for ds in ('8gaussians', 'swissroll', 'mnist')
-              if any(k[0] == ds for k in runs)}
-    big = f'vanilla_N{a.mnist_n_full}'
-    if ('mnist', big) in runs:   # the noise floor at that N too
-        floors['mnist_' + big] = reference_floor('mnist', a.mnist_n_full)
-    diag = diagnostics()
-    timings = {n: read_json(result_path(n)) for n in ('timing', 'timing_mnist') if os.path.isfile(result_path(n))}
-    timing = timings.get('timing')
-    write_json(os.path.join(RES, 'summary.json'), dict(
-        settings=dict(S=a.steps, seeds=a.seeds, t_stride=a.t_stride, n=a.n, m=a.n, estimator='unbiased U-statistic',
-                      value='sign(MMD^2) * sqrt(|MMD^2|)', fresh='1000 model samples vs 2000 data.sample_toy '
-                      f'draws (seed {FRESH_SEED}), gaussian kernel, unbiased'),
-        runs=agg, reference_floor={ds: {k: mean_std(v)[:2] for k, v in f.items()} for ds, f in floors.items()},
-        timing=timing, timing_mnist=timings.get('timing_mnist'), settings_mnist=dict(
-            steps=a.mnist_steps, lr=a.mnist_lr, n=a.mnist_n, m=a.mnist_n, flags=mnist_flags(a),
-            reference_floor='other real training digits (disjoint from the evaluation set) instead of samples')))
+    return agg
 
-    # ---- markdown tables
+
+def paired_differences(runs, big):
+    """{'ds/variant': mean and spread of method - vanilla of the SAME seed}: every run is evaluated
+    with the same evaluation randomness (x_T, chain noise, forward noise, reference sets), so the
+    paired difference cancels most of the estimator noise that dominates the across-seed spread."""
+    paired = {}
+    for ds in DATASETS:
+        base = {r['job']['seed']: r for r in runs.get((ds, 'vanilla'), [])}
+        for (d2, v), rs in sorted(runs.items()):
+            pr = [(r, base[r['job']['seed']]) for r in rs if r['job']['seed'] in base]
+            if d2 != ds or v in ('vanilla', big) or not pr:   # (big: a different N, not comparable)
+                continue
+            dd = {k: [r['d_t0'][k] - b['d_t0'][k] for r, b in pr] for k in KERNELS}
+            dd['mmd_true'] = [r['mmd_true'] - b['mmd_true'] for r, b in pr if r.get('mmd_true') is not None]
+            paired[f'{ds}/{v}'] = dict(n=len(pr), values=dd)
+    return paired
+
+
+def tables(a, runs, agg, floors, paired, timings, diag, big):
+    """The markdown tables of RESULTS.md, as a list of lines."""
+    lines = []
+
     def table(ds, variants, title):
         rows = [(v, runs[(ds, v)]) for v in variants if (ds, v) in runs]
         if not rows:
@@ -189,38 +183,23 @@ def report(a):
                          ' | '.join(fmt([r['d_t0'][k] for r in rs]) for k in KERNELS) +
                          f" | {fmt([r.get('mmd_true') for r in rs])} | {fmt([r['curve']['gaussian'][0] for r in rs])} |")
 
-    for ds in ('8gaussians', 'swissroll', 'mnist'):
+    for ds in DATASETS:
         table(ds, ['vanilla', 'ip', 'sa', 'reg', 'ip_eqtime', 'sa_eqtime', 'reg_eqtime',
                    'vanilla_regsteps', f'vanilla_S{a.long_steps}', f'reg_S{a.long_steps}', big],
               f'{ds}: methods (equal steps S, then equal wall-clock time)')
     table('8gaussians', ['vanilla', 'ft_vanilla', 'ft_reg'], '8gaussians: fine-tuning the vanilla run for S/5 steps')
     table('8gaussians', ['reg'] + list(ABLATIONS), '8gaussians: ablations of the regulariser (reg = L 5, exp '
           'weight, warm start, mean1, full grad)')
-    # paired differences: every run is evaluated with the same evaluation randomness (x_T, chain
-    # noise, forward noise, reference sets), so method - vanilla of the SAME seed cancels most of
-    # the estimator noise that dominates the across-seed spread of the raw values
-    paired = {}
-    for ds in ('8gaussians', 'swissroll', 'mnist'):
-        base = {r['job']['seed']: r for r in runs.get((ds, 'vanilla'), [])}
-        if not base:
+    for ds in DATASETS:
+        if (ds, 'vanilla') not in runs:
             continue
         lines.extend([f'\n### {ds}: paired difference to vanilla of the same seed (method - vanilla; < 0 = better)\n',
                       '| method | n seeds | Δ D_MMD(t=0) gaussian | Δ laplace | Δ imq | Δ MMD vs true dist. |',
                       '|---|---|---|---|---|---|'])
-        for (d2, v), rs in sorted(runs.items()):
-            if d2 != ds or v == 'vanilla' or v == big:   # (a different N: not comparable)
-                continue
-            pr = [(r, base[r['job']['seed']]) for r in rs if r['job']['seed'] in base]
-            if not pr:
-                continue
-            dd = {k: [r['d_t0'][k] - b['d_t0'][k] for r, b in pr] for k in KERNELS}
-            dd['mmd_true'] = [r['mmd_true'] - b['mmd_true'] for r, b in pr if r.get('mmd_true') is not None]
-            paired[f'{ds}/{v}'] = {k: mean_std(x)[:2] for k, x in dd.items()}
-            lines.append(f'| {v} | {len(pr)} | ' + ' | '.join(fmt(dd[k]) for k in (*KERNELS, 'mmd_true')) + ' |')
-    summary = read_json(os.path.join(RES, 'summary.json'))
-    summary['paired_vs_vanilla'] = paired
-    write_json(os.path.join(RES, 'summary.json'), summary)
-    # curve growth tables
+        for key, p in paired.items():
+            if key.split('/')[0] == ds:
+                lines.append(f"| {key.split('/', 1)[1]} | {p['n']} | " +
+                             ' | '.join(fmt(p['values'][k]) for k in (*KERNELS, 'mmd_true')) + ' |')
     tsel = [1000, 600, 300, 100, 60, 40, 20, 0]
     for k in KERNELS:
         lines.extend([f'\n### D_MMD(t) along the chain ({k} kernel, mean ± std over seeds)\n',
@@ -238,32 +217,34 @@ def report(a):
                           '| method | ms / step (median) | ratio to vanilla |', '|---|---|---|'])
             for k, r in timings[name]['methods'].items():
                 lines.append(f"| {k} | {1e3 * r['s_per_step']:.1f} | {r['ratio']:.2f} |")
-    if diag and 'reg_grad' in diag:
-        rg = diag['reg_grad']
-        lines.extend(['\n### diagnostics (8gaussians, seed 0)\n',
+    for key, ds in (('reg_grad', '8gaussians'), ('reg_grad_mnist', 'MNIST')):
+        if key not in diag:
+            continue
+        rg = diag[key]
+        lines.extend([f'\n### diagnostics ({ds}, seed 0)\n',
                       f"regulariser gradient / eps-MSE gradient at lambda_reg 0.2, lambda_nll 0.8: median "
-                      f"{rg['median_ratio']:.3f} (range {rg['min_ratio']:.3f}-{rg['max_ratio']:.3f}, 12 batches)\n",
-                      '| samples of | rms distance to nearest mode | fraction farther than 0.5 |', '|---|---|---|'])
-        for v, d in diag['mode_spread_seed0'].items():
-            lines.append(f"| {v} | {d['rms_dist_to_mode']:.3f} | {d['frac_farther_than_0_5']:.3f} |")
-    if diag and 'reg_grad_mnist' in diag:
-        rg = diag['reg_grad_mnist']
-        lines.extend(['\n### diagnostics (MNIST, seed 0)\n',
-                      f"regulariser gradient / eps-MSE gradient at lambda_reg 0.2, lambda_nll 0.8: median "
-                      f"{rg['median_ratio']:.3f} (range {rg['min_ratio']:.3f}-{rg['max_ratio']:.3f}, 12 batches)"])
-    with open(os.path.join(RES, 'tables.md'), 'w') as f:
-        f.write('\n'.join(lines) + '\n')
-    print('\n'.join(lines))
+                      f"{rg['median_ratio']:.3f} (range {rg['min_ratio']:.3f}-{rg['max_ratio']:.3f}, 12 batches)"
+                      + ('\n' if key == 'reg_grad' else '')])
+        if key == 'reg_grad':
+            lines.extend(['| samples of | rms distance to nearest mode | fraction farther than 0.5 |', '|---|---|---|'])
+            for v, d in diag['mode_spread_seed0'].items():
+                lines.append(f"| {v} | {d['rms_dist_to_mode']:.3f} | {d['frac_farther_than_0_5']:.3f} |")
+    return lines
 
-    # ---- plots
-    styles = {'vanilla': ('k', '-'), 'ip': ('tab:blue', '-'), 'sa': ('tab:green', '-'), 'reg': ('tab:red', '-'),
-              'ip_eqtime': ('tab:blue', '--'), 'sa_eqtime': ('tab:green', '--'), 'reg_eqtime': ('tab:red', '--'),
-              'ft_vanilla': ('tab:gray', '-'), 'ft_reg': ('tab:purple', '-'), 'vanilla_N1000': ('k', ':'),
-              'vanilla_regsteps': ('tab:gray', '--')}
+
+STYLES = {'vanilla': ('k', '-'), 'ip': ('tab:blue', '-'), 'sa': ('tab:green', '-'), 'reg': ('tab:red', '-'),
+          'ip_eqtime': ('tab:blue', '--'), 'sa_eqtime': ('tab:green', '--'), 'reg_eqtime': ('tab:red', '--'),
+          'ft_vanilla': ('tab:gray', '-'), 'ft_reg': ('tab:purple', '-'), 'vanilla_N1000': ('k', ':'),
+          'vanilla_regsteps': ('tab:gray', '--')}
+
+
+def plot_curves(agg):
+    """results/errprop_<ds>[_finetune].png: D_MMD(t) per kernel, mean ± std over seeds per method."""
+    import matplotlib.pyplot as plt
     groups = {'': ['vanilla', 'ip', 'sa', 'reg', 'ip_eqtime', 'sa_eqtime', 'reg_eqtime', 'vanilla_regsteps',
                    'vanilla_N1000'],
               '_finetune': ['vanilla', 'ft_vanilla', 'ft_reg']}
-    for ds in ('8gaussians', 'swissroll', 'mnist'):
+    for ds in DATASETS:
         for suffix, vs in groups.items():
             vs = [v for v in vs if 'curve' in agg.get(f'{ds}/{v}', {})]
             if not vs or vs == ['vanilla'] and suffix:   # a fine-tuning figure needs fine-tuning runs
@@ -273,7 +254,7 @@ def report(a):
                 for v in vs:
                     c = agg[f'{ds}/{v}']['curve']
                     mu, sd = torch.tensor(c[k]['mean']), torch.tensor(c[k]['std'])
-                    col, ls = styles[v]
+                    col, ls = STYLES[v]
                     ax.plot(c['t'], mu, color=col, ls=ls, label=f"{v} ({len(agg[f'{ds}/{v}']['seeds'])} seeds)")
                     ax.fill_between(c['t'], mu - sd, mu + sd, color=col, alpha=0.12)
                 ax.invert_xaxis()
@@ -281,9 +262,13 @@ def report(a):
                 ax.set(xlabel='t (sampling runs T -> 0)', ylabel='D_MMD(t), unbiased', title=f'{ds}: {k} kernel')
             axes[0].legend(fontsize=8)
             fig.tight_layout()
-            fig.savefig(os.path.join(RES, f'errprop_{ds}{suffix}.png'), dpi=90)
-            plt.close(fig)
-    for ds in ('8gaussians', 'swissroll', 'mnist'):
+            R.save_figure(fig, os.path.join(RES, f'errprop_{ds}{suffix}.png'), dpi=90, tight=False)
+
+
+def plot_final_metrics(runs, floors):
+    """results/final_metrics_<ds>.png: bars of the final metrics per method, with the floor."""
+    import matplotlib.pyplot as plt
+    for ds in DATASETS:
         vs = [v for v in ['vanilla', 'ip', 'sa', 'reg', 'ip_eqtime', 'sa_eqtime', 'reg_eqtime', 'vanilla_regsteps',
                           'ft_vanilla', 'ft_reg'] + list(ABLATIONS) if (ds, v) in runs]
         if not vs:
@@ -297,7 +282,7 @@ def report(a):
         for ax, (lab, get) in zip(axes, panels):
             ms = [mean_std([get(r) for r in runs[(ds, v)]]) for v in vs]
             ax.bar(range(len(vs)), [m[0] for m in ms], yerr=[m[1] for m in ms], capsize=3,
-                   color=[styles.get(v, ('tab:orange', '-'))[0] for v in vs])
+                   color=[STYLES.get(v, ('tab:orange', '-'))[0] for v in vs])
             if ds in floors:
                 key = lab.split(', ')[1] if 'training' in lab else 'mmd_true'
                 ax.axhline(mean_std(floors[ds][key])[0], color='grey', ls=':', label='perfect model')
@@ -305,39 +290,80 @@ def report(a):
             ax.set_xticks(range(len(vs)), vs, rotation=60, ha='right', fontsize=8)
             ax.set_title(f'{ds}: {lab}\n(mean ± std over seeds)', fontsize=10)
         fig.tight_layout()
-        fig.savefig(os.path.join(RES, f'final_metrics_{ds}.png'), dpi=90)
-        plt.close(fig)
+        R.save_figure(fig, os.path.join(RES, f'final_metrics_{ds}.png'), dpi=90, tight=False)
+
+
+def plot_mnist_samples():
+    """results/samples_mnist.png: seed-0 EMA samples of each MNIST method beside real digits."""
+    import matplotlib.pyplot as plt
     grids = [(v, os.path.join(RES, 'samples', f'mnist_{v}_s0.png'))
              for v in ('vanilla', 'reg', 'reg_eqtime', 'vanilla_regsteps', 'ip', 'sa')]
     grids = [(v, path) for v, path in grids if os.path.isfile(path)]
-    if grids:   # seed-0 EMA samples of each MNIST method next to real (downsampled) digits
-        import torchvision
-        import train
-        from evaluate import real_examples
-        real = real_examples(train.parse_config(['--dataset', 'mnist'] + MNIST_FLAGS)[0], 64, EVAL_SEED)
-        fig, axes = plt.subplots(1, len(grids) + 1, figsize=(2.7 * (len(grids) + 1), 3))
-        axes[0].imshow(torchvision.utils.make_grid((real + 1) / 2, nrow=8).permute(1, 2, 0))
-        axes[0].set_title('real digits (14x14)', fontsize=9)
-        for ax, (v, path) in zip(axes[1:], grids):
-            ax.imshow(plt.imread(path))
-            ax.set_title(f'{v}, seed 0, EMA', fontsize=9)
-        for ax in axes:
-            ax.axis('off')
-        fig.tight_layout()
-        fig.savefig(os.path.join(RES, 'samples_mnist.png'), dpi=90)
-        plt.close(fig)
-    if timing:
-        m = timing['methods']
-        fig, ax = plt.subplots(figsize=(6, 4))
-        Ls = [1, 3, 5, 7, 9]
-        for grad, col in (('full', 'tab:red'), ('last', 'tab:orange')):
-            ax.plot(Ls, [1e3 * m[f'reg_L{L}_{grad}']['s_per_step'] for L in Ls], 'o-', color=col,
-                    label=f'--reg --reg-grad {grad}')
-        for k, col in (('vanilla', 'k'), ('ip', 'tab:blue'), ('sa', 'tab:green')):
-            ax.axhline(1e3 * m[k]['s_per_step'], color=col, ls='--', label=k)
-        ax.set(xlabel='L (k ~ U{1..L})', ylabel='ms per training step (median)',
-               title='toy MLP, batch 256, 1 CPU thread (shared machine)')
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(RES, 'time_vs_L.png'), dpi=90)
-        plt.close(fig)
+    if not grids:
+        return
+    import torchvision
+    real = examples(R.parse_config(['--dataset', 'mnist'] + MNIST_FLAGS)[0], 64)
+    fig, axes = plt.subplots(1, len(grids) + 1, figsize=(2.7 * (len(grids) + 1), 3))
+    axes[0].imshow(torchvision.utils.make_grid((real + 1) / 2, nrow=8).permute(1, 2, 0))
+    axes[0].set_title('real digits (14x14)', fontsize=9)
+    for ax, (v, path) in zip(axes[1:], grids):
+        ax.imshow(plt.imread(path))
+        ax.set_title(f'{v}, seed 0, EMA', fontsize=9)
+    for ax in axes:
+        ax.axis('off')
+    fig.tight_layout()
+    R.save_figure(fig, os.path.join(RES, 'samples_mnist.png'), dpi=90, tight=False)
+
+
+def plot_time_vs_L(timing):
+    """results/time_vs_L.png: ms per training step against L, full and last-step gradients."""
+    import matplotlib.pyplot as plt
+    m = timing['methods']
+    fig, ax = plt.subplots(figsize=(6, 4))
+    Ls = [1, 3, 5, 7, 9]
+    for grad, col in (('full', 'tab:red'), ('last', 'tab:orange')):
+        ax.plot(Ls, [1e3 * m[f'reg_L{L}_{grad}']['s_per_step'] for L in Ls], 'o-', color=col,
+                label=f'--reg --reg-grad {grad}')
+    for k, col in (('vanilla', 'k'), ('ip', 'tab:blue'), ('sa', 'tab:green')):
+        ax.axhline(1e3 * m[k]['s_per_step'], color=col, ls='--', label=k)
+    ax.set(xlabel='L (k ~ U{1..L})', ylabel='ms per training step (median)',
+           title='toy MLP, batch 256, 1 CPU thread (shared machine)')
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    R.save_figure(fig, os.path.join(RES, 'time_vs_L.png'), dpi=90, tight=False)
+
+
+def report(a):
+    """Everything in results/ from results/runs/*.json, the timing and diagnostics files."""
+    import matplotlib
+    matplotlib.use('Agg')
+    runs = load_runs()
+    agg = aggregate(runs)
+    big = f'vanilla_N{a.mnist_n_full}'
+    floors = {ds: reference_floor(ds, a.mnist_n if ds == 'mnist' else a.n) for ds in DATASETS
+              if any(k[0] == ds for k in runs)}
+    if ('mnist', big) in runs:   # the noise floor at that N too
+        floors['mnist_' + big] = reference_floor('mnist', a.mnist_n_full)
+    diag = {}
+    for name in ('diagnostics', 'diagnostics_mnist'):
+        if os.path.isfile(result_path(name)):
+            diag.update(read_json(result_path(name)))
+    timings = {n: read_json(result_path(n)) for n in ('timing', 'timing_mnist') if os.path.isfile(result_path(n))}
+    paired = paired_differences(runs, big)
+    R.write_json(os.path.join(RES, 'summary.json'), dict(
+        settings=dict(S=a.max_steps, seeds=a.seeds, t_stride=a.t_stride, n=a.n, m=a.n, estimator='unbiased U-statistic',
+                      value='sign(MMD^2) * sqrt(|MMD^2|)', fresh='1000 model samples vs 2000 data.sample_toy '
+                      f'draws (seed {FRESH_SEED}), gaussian kernel, unbiased'),
+        runs=agg, reference_floor={ds: {k: mean_std(v)[:2] for k, v in f.items()} for ds, f in floors.items()},
+        timing=timings.get('timing'), timing_mnist=timings.get('timing_mnist'), settings_mnist=dict(
+            steps=a.mnist_max_steps, lr=a.mnist_lr, n=a.mnist_n, m=a.mnist_n, flags=mnist_flags(a),
+            reference_floor='other real training digits (disjoint from the evaluation set) instead of samples'),
+        paired_vs_vanilla={key: {k: mean_std(x)[:2] for k, x in p['values'].items()} for key, p in paired.items()}))
+    lines = tables(a, runs, agg, floors, paired, timings, diag, big)
+    R.atomic_write(os.path.join(RES, 'tables.md'), lambda f: f.write('\n'.join(lines) + '\n'), binary=False)
+    print('\n'.join(lines))
+    plot_curves(agg)
+    plot_final_metrics(runs, floors)
+    plot_mnist_samples()
+    if 'timing' in timings:
+        plot_time_vs_L(timings['timing'])

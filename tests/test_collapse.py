@@ -7,6 +7,7 @@ import torch
 
 import collapse
 import data as D
+import runtime as R
 import train
 
 TINY = ['--dataset', 'gmm10d', '--alphas', '0.3', '0.9', '--T', '100', '--steps-per-gen', '100',
@@ -56,7 +57,7 @@ def test_flags_give_requested_mix(tmp_path):
     marker = np.full((1000, 10), 1e3, dtype=np.float32)     # a synthetic set easy to spot
     npz = str(tmp_path / 'prev.npz')
     np.savez(npz, samples=marker)
-    cfg, _ = train.parse_config(collapse.train_argv(a, 0.3, 2, npz))
+    cfg, _ = R.parse_config(collapse.train_argv(a, 0.3, 2, npz))
     assert (cfg['seed'], cfg['toy_n'], cfg['T'], cfg['max_steps']) == (7, 1000, 100, 100)
     assert cfg['lr'] == 3e-4 and cfg['out_dir'] == os.path.join(str(tmp_path), 'alpha0.3', 'gen02')
     x = train.training_set(cfg)
@@ -65,7 +66,7 @@ def test_flags_give_requested_mix(tmp_path):
     fresh = x[~is_syn]
     real = D.load_data('gmm10d', toy_n=1000, seed=7)        # fresh real data: this generation's seed
     assert (fresh[:, None] == real[None]).all(-1).any(1).all()
-    cfg0, _ = train.parse_config(collapse.train_argv(a, 0.3, 0))
+    cfg0, _ = R.parse_config(collapse.train_argv(a, 0.3, 0))
     assert cfg0['synthetic'] is None and cfg0['seed'] == 5
     with pytest.raises(SystemExit):
         collapse.parse_args(['--alphas', '0'])

@@ -105,22 +105,6 @@ def test_toy_second_moments():
     assert ((x >= -2) & (x <= 2)).all() and ((x.floor().sum(1) % 2) == 0).all()  # only "black" squares
 
 
-def test_batch_indices():
-    n, b, seed = 103, 10, 7
-    bpe = n // b
-    a = [data.batch_indices(n, b, s, seed) for s in range(2 * bpe)]
-    assert all(t.shape == (b,) and t.dtype == torch.long for t in a)
-    assert all(torch.equal(t, data.batch_indices(n, b, s, seed)) for s, t in enumerate(a))
-    e0, e1 = torch.cat(a[:bpe]), torch.cat(a[bpe:])
-    assert len(set(e0.tolist())) == bpe * b and len(set(e1.tolist())) == bpe * b  # no repeats
-    assert e0.min() >= 0 and e0.max() < n and not torch.equal(e0, e1)
-    full = torch.cat([data.batch_indices(100, 10, s, 0) for s in range(10)])
-    assert torch.equal(full.sort().values, torch.arange(100))                       # each index once
-    assert not torch.equal(data.batch_indices(n, b, 0, seed), data.batch_indices(n, b, 0, seed + 1))
-    with pytest.raises(ValueError, match='batch'):
-        data.batch_indices(5, 10, 0, 0)
-
-
 def test_model_space_round_trip():
     u = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     f = data.to_model_space(u)

@@ -17,6 +17,7 @@ from pytorch_fid import inception as I
 from pytorch_fid.fid_score import calculate_frechet_distance
 
 import evaluate as ev
+import fid as F
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,19 +95,19 @@ def noise_images(n):
 
 @pytest.fixture(scope='module')
 def inc64():
-    return ev.inception_model(random_init=True, dims=64)
+    return F.inception_model(random_init=True, dims=64)
 
 
 def test_fid_numbers(inc64):
     a, b = real_images(16), noise_images(16)
-    fa, fb = ev.inception_features(inc64, a, 8), ev.inception_features(inc64, b, 8)
+    fa, fb = F.inception_features(inc64, a, 8), F.inception_features(inc64, b, 8)
     assert fa.shape == (16, 64) and fa.dtype == np.float32 and fa.std() > 1e-3
     # reproducible, batch-size independent; grayscale is repeated to 3 channels
-    assert np.allclose(ev.inception_features(inc64, a[:3].numpy(), 2), fa[:3], rtol=1e-4, atol=1e-5)
+    assert np.allclose(F.inception_features(inc64, a[:3].numpy(), 2), fa[:3], rtol=1e-4, atol=1e-5)
     gray = a[:2, :1]
-    assert np.allclose(ev.inception_features(inc64, gray, 2),
-                       ev.inception_features(inc64, gray.expand(-1, 3, -1, -1), 2), atol=1e-6)
-    self_fid, cross = ev.fid_from_features(fa, fa), ev.fid_from_features(fa, fb)
+    assert np.allclose(F.inception_features(inc64, gray, 2),
+                       F.inception_features(inc64, gray.expand(-1, 3, -1, -1), 2), atol=1e-6)
+    self_fid, cross = F.fid_from_features(fa, fa), F.fid_from_features(fa, fb)
     trace = np.trace(np.cov(fa, rowvar=False))
     assert abs(self_fid) < 1e-3 * trace      # N = 16 < 64 dims: singular covariance, still ~0
     assert cross > 0.1 * trace and cross > 1000 * abs(self_fid)
@@ -114,20 +115,20 @@ def test_fid_numbers(inc64):
                                      np.mean(fb, 0), np.cov(fb, rowvar=False))
     assert cross == pytest.approx(ref, rel=1e-9)
     with pytest.raises(ValueError, match='uint8'):
-        ev.inception_features(inc64, a.float(), 8)
+        F.inception_features(inc64, a.float(), 8)
 
 
 def test_architecture_matches_pytorch_fid(tmp_path, monkeypatch):
     """Our download-free construction == pytorch-fid's InceptionV3([3]) loading the same file."""
     torch.manual_seed(0)
-    path = str(tmp_path / ev.FID_WEIGHTS)
-    torch.save(ev.fid_inception_net().state_dict(), path)
-    ours = ev.inception_model(weights_path=path)
+    path = str(tmp_path / F.FID_WEIGHTS)
+    torch.save(F.fid_inception_net().state_dict(), path)
+    ours = F.inception_model(weights_path=path)
     monkeypatch.setattr(I, 'load_state_dict_from_url', lambda *a, **k: torch.load(path, weights_only=True))
     theirs = I.InceptionV3([I.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     x = real_images(2)
-    f = ev.inception_features(ours, x, 2)
+    f = F.inception_features(ours, x, 2)
     with torch.no_grad():
         g = theirs(x.float() / 255)[0].flatten(1).numpy()
     assert f.shape == (2, 2048) and np.abs(f).max() > 0
@@ -138,7 +139,7 @@ def test_missing_weights_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
     for kw in ({}, dict(weights_path=str(tmp_path / 'nope.pth'))):
         with pytest.raises(FileNotFoundError) as e:
-            ev.inception_model(**kw)
+            F.inception_model(**kw)
         msg = str(e.value)
         assert '\n' not in msg and 'pt_inception-2015-12-05-6726825d.pth' in msg
         assert I.FID_WEIGHTS_URL in msg and '--inception-weights' in msg
@@ -148,11 +149,11 @@ def test_load_samples(tmp_path):
     x = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / 'adm.npz', arr_0=x)                 # ADM's reference batches
     np.savez(tmp_path / 'gray.npz', samples=x[..., 0])      # NHW grayscale
-    assert torch.equal(ev.load_samples(str(tmp_path / 'adm.npz')), torch.from_numpy(x).permute(0, 3, 1, 2))
-    assert ev.load_samples(str(tmp_path / 'gray.npz')).shape == (3, 1, 8, 8)
+    assert torch.equal(F.load_samples(str(tmp_path / 'adm.npz')), torch.from_numpy(x).permute(0, 3, 1, 2))
+    assert F.load_samples(str(tmp_path / 'gray.npz')).shape == (3, 1, 8, 8)
     np.savez(tmp_path / 'vec.npz', samples=x.astype(np.float32))
     with pytest.raises(ValueError, match='uint8'):
-        ev.load_samples(str(tmp_path / 'vec.npz'))
+        F.load_samples(str(tmp_path / 'vec.npz'))
 
 
 def test_fid_cli_samples_and_cached_ref_stats(tmp_path, capsys):
@@ -163,7 +164,7 @@ def test_fid_cli_samples_and_cached_ref_stats(tmp_path, capsys):
         Image.fromarray(im).save(imgs / f'{i:03d}.png')
     npz = str(tmp_path / 'samples.npz')
     np.savez(npz, samples=noise_images(12).permute(0, 2, 3, 1).numpy())
-    common = ['fid', '--random-inception', '--dims', '64', '--batch-size', '6', '--device', 'cpu',
+    common = ['fid', '--random-inception', '--dims', '64', '--sample-batch', '6', '--device', 'cpu',
               '--ref-stats', ref]
     # the reference set against itself (a PNG folder as --samples): FID ~ 0
     ev.main(common + ['--samples', str(imgs), '--dataset', 'folder', '--data-dir', str(imgs),

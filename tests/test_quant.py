@@ -134,41 +134,39 @@ def test_quanterr_shapes_and_reproducible(toy, tmp_path):
 
 
 def test_stored_calibration_reuse_and_cli(tmp_path, capsys):
-    """End to end on a small untrained MLP checkpoint: quanterr CLI body, files, reuse of quant_<spec>.pt."""
-    import argparse
+    """End to end on a small untrained MLP checkpoint: `evaluate.py quanterr`, files, reuse of
+    quant_<spec>.pt, and quant.for_sampling (what sample.py / evaluate.py --quant use)."""
     import json
-    import train
+
+    import evaluate
+    import runtime as R
     torch.manual_seed(0)
     m = build_model('mlp', (2,))
-    cfg = dict(train.CONFIG, **train.PRESETS['8gaussians'], T=20, beta_T=0.3)
+    cfg = dict(R.CONFIG, **R.PRESETS['8gaussians'], T=20, beta_1=1e-4, beta_T=0.3, reg_rho=0.003)
     run = tmp_path / 'run'
     run.mkdir()
-    train.save_checkpoint(str(run / 'ckpt.pt'), model=m.state_dict(), ema=m.state_dict(), config=cfg,
-                          data_shape=[2], step=0)
-    p = argparse.ArgumentParser()
-    quant.add_quanterr_args(p)
+    R.save_checkpoint(str(run / 'ckpt.pt'), model=m.state_dict(), ema=m.state_dict(), config=cfg,
+                      data_shape=[2], step=0)
     out = str(tmp_path / 'qe')
-    argv = ['--ckpt', str(run), '--quant', 'w8a8', 'w4a8', '--n', '64', '--calib-traj', '1', '--out', out, '--device', 'cpu']
-    quant.main_quanterr(p.parse_args(argv))
+    argv = ['quanterr', '--ckpt', str(run), '--quant', 'w8a8', 'w4a8', '--n', '64', '--calib-traj', '1',
+            '--out', out, '--device', 'cpu']
+    evaluate.main(argv)
     log = capsys.readouterr().out
     assert 'calibrating w4a8' in log and 'w4a8: traj RMS at t=0 Q=' in log
     assert (run / 'quant_w8a8.pt').is_file() and (tmp_path / 'qe.png').is_file()
     res = json.load(open(out + '.json'))['results']
     assert set(res) == {'w8a8', 'w4a8'} and len(res['w8a8']['t']) == 21
-    quant.main_quanterr(p.parse_args(argv + ['--fit', 'bias']))   # stored: refitted, not recalibrated
+    evaluate.main(argv + ['--fit', 'bias'])   # stored: refitted, not recalibrated
     assert 'calibrating' not in capsys.readouterr().out
-    # sample.py / evaluate.py flags
-    p2 = argparse.ArgumentParser()
-    quant.add_quant_args(p2)
-    model, diff, _ = train.load_checkpoint(str(run))
-    assert quant.apply_quant(model, diff, (2,), str(run), p2.parse_args([]), 'cpu') is model
-    qc = quant.apply_quant(model, diff, (2,), str(run), p2.parse_args(['--quant', 'w4a8', '--quant-compensate']), 'cpu')
+    model, diff, _ = R.load_checkpoint(str(run))
+    assert quant.for_sampling(model, diff, (2,), str(run)) is model
+    qc = quant.for_sampling(model, diff, (2,), str(run), 'w4a8', compensate=True)
     assert isinstance(qc, quant.CompensatedModel) and 'calibrating' not in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        quant.apply_quant(model, diff, (2,), str(run), p2.parse_args(['--quant-compensate']), 'cpu')
+    with pytest.raises(ValueError, match='--quant'):
+        quant.for_sampling(model, diff, (2,), str(run), 'none', compensate=True)
     with torch.no_grad():   # other weights in the same folder: the stored calibration is not reused
         model.out.bias.add_(1.0)
-    quant.apply_quant(model, diff, (2,), str(run), p2.parse_args(['--quant', 'w4a8', '--calib-traj', '1']), 'cpu')
+    quant.for_sampling(model, diff, (2,), str(run), 'w4a8', n_traj=1)
     assert 'recalibrating' in capsys.readouterr().out
 
 

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--steps', '5', '--seeds', '0', '--t-stride', '500', '--n', '64', '--timing-reps', '1',
-        '--timing-steps', '1', '--long-steps', '0', '--only', 'timing', '8gaussians_vanilla_s0',
+TINY = ['--max-steps', '5', '--seeds', '0', '--t-stride', '500', '--n', '64', '--n-true', '64',
+        '--timing-reps', '1', '--timing-iters', '1', '--long-steps', '0', '--only', 'timing', '8gaussians_vanilla_s0',
         '8gaussians_reg_eqtime_s0']
 
 
@@ -40,6 +40,6 @@ def test_miniature_protocol_runs_reports_and_resumes(tmp_path):
 
 
 def test_bad_settings_fail_with_one_line(tmp_path):
-    p = run(tmp_path, '--steps', '2')
+    p = run(tmp_path, '--max-steps', '2')
     assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].startswith('error: ')
     assert not (tmp_path / 'results').exists()

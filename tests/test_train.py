@@ -17,7 +17,8 @@ import torch.distributed as dist
 import data as D
 import sample
 import train
-from mmd import mmd2_unbiased
+import runtime as R
+from mmd import mmd2
 from model import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,7 +75,7 @@ def test_training_learns_toy_data(tmp_path):
     assert last < 0.75 * first, (first, last)
     assert all(math.isfinite(r['loss']) and r['lr'] > 0 for r in log)
 
-    model, diff, cfg = train.load_checkpoint(str(tmp_path))
+    model, diff, cfg = R.load_checkpoint(str(tmp_path))
     torch.manual_seed(0)
     untrained = build_model(cfg['model'], tuple(cfg['data_shape'])).eval()
     real = D.sample_toy('8gaussians', 500, torch.Generator().manual_seed(1))
@@ -83,11 +84,28 @@ def test_training_learns_toy_data(tmp_path):
     def judge(m):
         with torch.no_grad():
             x = diff.sample(m, (500, 2), generator=torch.Generator().manual_seed(2))
-        return torch.cdist(x, centres).min(1).values.mean().item(), mmd2_unbiased(x, real).item()
+        return torch.cdist(x, centres).min(1).values.mean().item(), mmd2(x, real, 'gaussian', 'u').item()
     d_trained, m_trained = judge(model)
     d_untrained, m_untrained = judge(untrained)
     assert d_trained < 0.5 * d_untrained, (d_trained, d_untrained)
     assert m_trained < 0.5 * m_untrained, (m_trained, m_untrained)
+
+
+def test_batch_indices():
+    n, b, seed = 103, 10, 7
+    bpe = n // b
+    a = [train.batch_indices(n, b, s, seed) for s in range(2 * bpe)]
+    assert all(t.shape == (b,) and t.dtype == torch.long for t in a)
+    assert all(torch.equal(t, train.batch_indices(n, b, s, seed)) for s, t in enumerate(a))
+    e0, e1 = torch.cat(a[:bpe]), torch.cat(a[bpe:])
+    assert len(set(e0.tolist())) == bpe * b and len(set(e1.tolist())) == bpe * b  # no repeats
+    assert e0.min() >= 0 and e0.max() < n and not torch.equal(e0, e1)
+    full = torch.cat([train.batch_indices(100, 10, s, 0) for s in range(10)])
+    assert torch.equal(full.sort().values, torch.arange(100))                       # each index once
+    assert not torch.equal(train.batch_indices(n, b, 0, seed), train.batch_indices(n, b, 0, seed + 1))
+    with pytest.raises(ValueError, match='batch'):
+        train.batch_indices(5, 10, 0, 0)
+
 
 
 # ---- reproducibility and exact resume ------------------------------------------------------------
@@ -232,7 +250,7 @@ def test_batch_not_divisible_by_ranks(tmp_path, monkeypatch):
     # pretend to be rank 0 of 2 without a process group: the check comes right after the init
     monkeypatch.setenv('WORLD_SIZE', '2')
     monkeypatch.setenv('RANK', '0')
-    monkeypatch.setattr(train.dist, 'init_process_group', lambda *a, **k: None)
+    monkeypatch.setattr(R.dist, 'init_process_group', lambda *a, **k: None)
     with pytest.raises(SystemExit) as e:
         run(tmp_path, '--batch-size', 63, '--device', 'cpu')
     assert '63' in one_line_error(e)
@@ -240,10 +258,10 @@ def test_batch_not_divisible_by_ranks(tmp_path, monkeypatch):
 
 def test_load_checkpoint_missing(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
-        train.load_checkpoint(str(tmp_path / 'nope.pt'))
+        R.load_checkpoint(str(tmp_path / 'nope.pt'))
     assert '\n' not in str(e.value) and 'nope.pt' in str(e.value)
     with pytest.raises(FileNotFoundError):
-        train.load_checkpoint(str(tmp_path))        # a folder without ckpt.pt
+        R.load_checkpoint(str(tmp_path))        # a folder without ckpt.pt
 
 
 def _garbage(kind, path):
@@ -258,7 +276,7 @@ def _garbage(kind, path):
     elif kind == 'other_pt':    # a torch file of something else
         torch.save({'a': 1}, path)
     else:                       # right layout, wrong weights
-        torch.save(dict(config=dict(train.CONFIG, model='mlp'), data_shape=[2], ema={'x': torch.zeros(1)},
+        torch.save(dict(config=dict(R.CONFIG, model='mlp'), data_shape=[2], ema={'x': torch.zeros(1)},
                         model={}), path)
 
 
@@ -267,7 +285,7 @@ def test_load_checkpoint_unreadable_one_line(tmp_path, kind):
     bad = tmp_path / 'ckpt.pt'
     _garbage(kind, bad)
     with pytest.raises(ValueError) as e:
-        train.load_checkpoint(str(bad))
+        R.load_checkpoint(str(bad))
     msg = str(e.value)
     assert 'ckpt.pt' in msg
     assert '\n' not in msg, f'multi-line error message: {msg!r}'
@@ -277,21 +295,20 @@ def test_load_checkpoint_unreadable_one_line(tmp_path, kind):
 
 def test_checkpoint_contents(trained):
     ck = load_ck(trained)
-    assert set(ck) == {'model', 'ema', 'opt', 'step', 'config', 'data_shape', 'rng'}
+    assert set(ck) == {'model', 'ema', 'opt', 'step', 'config', 'data_shape'}
     assert ck['step'] == 20 and list(ck['data_shape']) == [2]
     with open(os.path.join(trained, 'config.json')) as f:
         assert ck['config'] == json.load(f)
     assert ck['config']['T'] == 100 and ck['config']['out_dir'] == str(trained)
     assert ck['model'].keys() == ck['ema'].keys()
     assert any(not torch.equal(ck['model'][k], ck['ema'][k]) for k in ck['model'])
-    assert isinstance(ck['rng'], torch.Tensor) and ck['rng'].dtype == torch.uint8
     assert not any(f.endswith('.tmp') for f in os.listdir(trained))
     assert os.path.isfile(os.path.join(trained, 'samples_0000020.png'))
     assert [r['step'] for r in read_log(trained)] == [5, 10, 15, 20]
-    model, diff, cfg = train.load_checkpoint(str(trained))
+    model, diff, cfg = R.load_checkpoint(str(trained))
     assert diff.T == 100 and not model.training
     assert all(torch.equal(v, ck['ema'][k]) for k, v in model.state_dict().items())
-    raw = train.load_checkpoint(str(trained / 'ckpt.pt'), ema=False)[0]
+    raw = R.load_checkpoint(str(trained / 'ckpt.pt'), ema=False)[0]
     assert all(torch.equal(v, ck['model'][k]) for k, v in raw.state_dict().items())
 
 
@@ -303,7 +320,7 @@ def test_synthetic_mix_fraction(tmp_path):
     np.savez(npz, samples=syn)
     real = D.load_data('8gaussians', toy_n=1000, seed=0)
     for frac, n_fresh in ((0.5, 500), (0.9, 900)):
-        cfg, _ = train.parse_config(['--toy-n', '1000', '--synthetic', npz, '--fresh-frac', str(frac)])
+        cfg, _ = R.parse_config(['--toy-n', '1000', '--synthetic', npz, '--fresh-frac', str(frac)])
         x = train.training_set(cfg)
         assert x.shape == (1000, 2) and x.dtype == torch.float32
         is_syn = x[:, 0] >= 100
@@ -313,17 +330,17 @@ def test_synthetic_mix_fraction(tmp_path):
         # fresh rows are distinct rows of the real set
         match = (fresh[:, None] == real[None]).all(-1)
         assert (match.sum(1) == 1).all() and (match.sum(0) <= 1).all()
-    cfg, _ = train.parse_config(['--toy-n', '1000'])
+    cfg, _ = R.parse_config(['--toy-n', '1000'])
     assert torch.equal(train.training_set(cfg), real)
     np.savez(npz, samples=syn[:100])
-    cfg, _ = train.parse_config(['--toy-n', '1000', '--synthetic', npz, '--fresh-frac', '0.5'])
+    cfg, _ = R.parse_config(['--toy-n', '1000', '--synthetic', npz, '--fresh-frac', '0.5'])
     with pytest.raises(SystemExit) as e:
         train.training_set(cfg)
     one_line_error(e)
 
 
 def test_synthetic_from_checkpoint(trained):
-    cfg, _ = train.parse_config(['--toy-n', '200', '--synthetic', str(trained / 'ckpt.pt'),
+    cfg, _ = R.parse_config(['--toy-n', '200', '--synthetic', str(trained / 'ckpt.pt'),
                                  '--fresh-frac', '0.75'])
     x = train.training_set(cfg)
     real = D.load_data('8gaussians', toy_n=200, seed=0)
@@ -366,8 +383,10 @@ def test_loss_variants_run(tmp_path, args):
         if cfg['reg']:
             assert {'loss_reg', 'r', 'k', 'w'} <= r.keys()
             assert 0 <= r['r'] < 100 and 1 <= r['k'] <= cfg['reg_L']
+            rho = 3 / 100   # the default 3 / T keeps w_0 / w_{T-1} = e^3 at T = 100
+            assert cfg['reg_rho'] == rho
             want_w = 1.0 if cfg['reg_weight'] == 'uniform' else \
-                math.exp(0.003 * (100 - r['r'])) / np.mean(np.exp(0.003 * (100 - np.arange(100))))
+                math.exp(rho * (100 - r['r'])) / np.mean(np.exp(rho * (100 - np.arange(100))))
             assert r['w'] == pytest.approx(want_w, rel=1e-9)
             # Eq. (14): loss = lambda_nll * L_nll + lambda_reg * w_r * L_reg (0.8 / 0.2)
             assert r['loss'] == pytest.approx(0.8 * r['loss_nll'] + 0.2 * r['w'] * r['loss_reg'], rel=1e-5)

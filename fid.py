@@ -1,0 +1,163 @@
+"""FID machinery (used by `evaluate.py fid`): pytorch-fid's InceptionV3 built without a download,
+features, their statistics and the Frechet distance, and the cached reference statistics of a
+training set. Nothing here downloads: without the weights file it stops with a one-line error.
+"""
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pytorch_fid import inception as I
+from pytorch_fid.fid_score import calculate_frechet_distance
+
+import data as D
+import runtime as R
+
+FID_WEIGHTS = os.path.basename(I.FID_WEIGHTS_URL)   # pt_inception-2015-12-05-6726825d.pth
+NATIVE_SIZE = dict(cifar10=32, mnist=28, imagenet32=32, celeba64=64)
+IMAGE_SETS = [d for d in D.DATASETS if not D.is_toy(d)]
+
+
+def fid_inception_net():
+    """The FID variant of Inception v3 (TF's graph), as pytorch_fid.inception.fid_inception_v3
+    assembles it, minus its load_state_dict_from_url: the caller loads the weights."""
+    net = I._inception_v3(num_classes=1008, aux_logits=False, weights=None)
+    net.Mixed_5b = I.FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = I.FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = I.FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = I.FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = I.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = I.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = I.FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = I.FIDInceptionE_1(1280)
+    net.Mixed_7c = I.FIDInceptionE_2(2048)
+    return net
+
+
+class FIDInception(I.InceptionV3):
+    """pytorch-fid's InceptionV3([BLOCK_INDEX_BY_DIM[dims]]) around a given network: same blocks
+    (same state-dict keys), same forward (bilinear resize to 299, [0, 1] -> [-1, 1]); returns
+    [features (B, dims, h, w)] (h = w = 1 for the 2048-d pool3 block that FID uses)."""
+
+    def __init__(self, net, dims=2048):
+        nn.Module.__init__(self)   # not InceptionV3.__init__, which would download the weights
+        idx = self.BLOCK_INDEX_BY_DIM[dims]
+        self.resize_input = self.normalize_input = True
+        self.output_blocks, self.last_needed_block = [idx], idx
+        self.dims, n = dims, net
+        self.blocks = nn.ModuleList([
+            nn.Sequential(n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, nn.MaxPool2d(3, 2)),
+            nn.Sequential(n.Conv2d_3b_1x1, n.Conv2d_4a_3x3, nn.MaxPool2d(3, 2)),
+            nn.Sequential(n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b, n.Mixed_6c,
+                          n.Mixed_6d, n.Mixed_6e),
+            nn.Sequential(n.Mixed_7a, n.Mixed_7b, n.Mixed_7c, nn.AdaptiveAvgPool2d((1, 1)))][:idx + 1])
+        self.requires_grad_(False)
+
+
+def inception_model(weights_path=None, random_init=False, device='cpu', seed=0, dims=2048):
+    """The FID Inception in eval mode. Weights from weights_path, else from the torch hub cache
+    (where pytorch-fid downloads them). random_init: the same architecture with seeded random
+    (Kaiming) weights -- a pipeline check for tests and --random-inception, not a FID.
+    dims: 2048 (pool3, the FID) or 64 / 192 / 768, earlier blocks as in pytorch-fid's --dims."""
+    if random_init:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = fid_inception_net()
+            for mod in net.modules():   # variance-preserving, so pool3 features stay O(1)
+                if isinstance(mod, nn.Conv2d):
+                    nn.init.kaiming_normal_(mod.weight, nonlinearity='relu')
+    else:
+        hub = os.path.join(torch.hub.get_dir(), 'checkpoints')
+        path = weights_path or os.path.join(hub, FID_WEIGHTS)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'Inception weights {FID_WEIGHTS} not found at {path}: download '
+                                    f'{I.FID_WEIGHTS_URL} and pass --inception-weights PATH '
+                                    f'or put it in {hub}')
+        net = fid_inception_net()
+        try:
+            net.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
+        except Exception as e:
+            raise ValueError(f'{path} is not pytorch-fid\'s {FID_WEIGHTS} ({type(e).__name__})') from None
+    return FIDInception(net, dims).to(device).eval()
+
+
+@torch.no_grad()
+def inception_features(model, images, batch_size=200, device='cpu'):
+    """uint8 images (N, C, H, W), C in {1, 3} (tensor or array) -> float32 array (N, dims)."""
+    images = torch.as_tensor(images)
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f'FID needs uint8 images (N, 1 or 3, H, W), got {images.dtype} '
+                         f'{tuple(images.shape)}')
+    out = []
+    for x in images.split(batch_size):
+        x = x.to(device).float() / 255           # pytorch-fid's input range [0, 1]
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        f = model(x)[0]
+        out.append(F.adaptive_avg_pool2d(f, 1).flatten(1).cpu().numpy())   # as pytorch-fid does
+    return np.concatenate(out) if out else np.zeros((0, getattr(model, 'dims', 2048)), np.float32)
+
+
+def feature_stats(f):
+    """(mu (d,), sigma (d, d)) of features (N, d), as pytorch-fid computes them."""
+    return np.mean(f, axis=0), np.cov(f, rowvar=False)
+
+
+def fid_from_stats(s1, s2):
+    return float(calculate_frechet_distance(s1[0], s1[1], s2[0], s2[1]))
+
+
+def fid_from_features(f1, f2):
+    return fid_from_stats(feature_stats(f1), feature_stats(f2))
+
+
+def load_samples(path):
+    """A folder of PNGs or an .npz ('samples' as sample.py writes, or ADM's 'arr_0'), NHWC uint8
+    -> uint8 tensor (N, C, H, W)."""
+    if os.path.isdir(path):
+        from PIL import Image
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith('.png'))
+        if not files:
+            raise FileNotFoundError(f'no .png files in {path}: pass a folder of PNGs or an .npz')
+        x = np.stack([np.asarray(Image.open(os.path.join(path, f))) for f in files])
+    elif os.path.isfile(path):
+        z = R.read_npz(path)
+        if 'samples' not in z and 'arr_0' not in z:
+            raise ValueError(f"{path} has neither 'samples' nor 'arr_0' (it has {sorted(z)})")
+        x = z['samples' if 'samples' in z else 'arr_0']
+    else:
+        raise FileNotFoundError(f'--samples {path} does not exist: pass a PNG folder or an .npz')
+    if x.dtype != np.uint8 or x.ndim not in (3, 4):
+        raise ValueError(f'{path}: FID needs uint8 images (N, H, W[, C]), got {x.dtype} {x.shape}')
+    x = torch.from_numpy(x[..., None] if x.ndim == 3 else x)
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+def ref_stats_path(dataset, data_dir, image_size, dims=2048, random_inception=False):
+    name = f"fid_stats_{dataset}_{image_size or NATIVE_SIZE.get(dataset, 'native')}"
+    name += (f'_dims{dims}' if dims != 2048 else '') + ('_random-inception' if random_inception else '')
+    name += '.npz'
+    path = os.path.join(data_dir, name)
+    ok = os.path.isfile(path) or (os.path.isdir(data_dir) and os.access(data_dir, os.W_OK))
+    return path if ok else name
+
+
+def ref_stats(path, inc, net_tag, dataset, data_dir, image_size, batch_size, device, rank=0, world=1):
+    """(mu, sigma) of the whole training set: read from the cache `path`, or computed (sharded
+    over ranks) and cached there by rank 0."""
+    if os.path.isfile(path):
+        z = R.read_npz(path, need=['mu', 'sigma'])
+        if 'net' in z and str(z['net']) != net_tag:
+            R.fail(f"{path} was computed with {z['net']}, not {net_tag}: delete it or pass another --ref-stats")
+        return z['mu'], z['sigma']
+    if dataset is None:
+        R.fail(f'no reference statistics at {path}: pass --dataset (one of {", ".join(IMAGE_SETS)}) '
+               f'and --data-dir, or --ref-stats FILE')
+    x = D.load_data(dataset, data_dir, image_size)
+    lo, hi = R.shard(len(x), rank, world)
+    if rank == 0:
+        print(f'reference statistics: {len(x)} {dataset} training images -> {path}')
+    mu, sigma = feature_stats(R.gather(inception_features(inc, x[lo:hi], batch_size, device), world))
+    if rank == 0:
+        R.save_npz(path, mu=mu, sigma=sigma, n=len(x), net=np.array(net_tag))
+    return mu, sigma

@@ -1,0 +1,400 @@
+"""The plumbing every script shares: the configuration (defaults, presets, command line), the
+device and torchrun set-up, seeded random streams, checkpoints (ours and diffusers DDPM folders)
+and atomic file writes. Scripts import this and the library modules (model, diffusion, mmd, data,
+quant); no script imports another script.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data as D
+from diffusion import Diffusion
+from model import build_model, is_diffusers_folder, load_diffusers_unet
+
+
+def fail(msg):
+    """Bad input: one line on stderr, exit status 1, no traceback."""
+    raise SystemExit(f'error: {msg}')
+
+
+# ---- configuration: one flat set of named defaults -------------------------------------------
+CONFIG = dict(
+    dataset='8gaussians', data_dir='data', image_size=None, toy_n=50000,
+    model=None, dropout=None,                 # None: the model config's own value (model.py)
+    T=1000, beta_1=None, beta_T=None, sigma='beta',  # betas None: 1e-4 and 0.02 scaled by 1000 / T
+    loss='eps', ip_gamma=0.1, sa_k=2, sa_lambda=1.0,  # eps | ip (ADM-IP) | sa (SA-DPM)
+    reg=False, reg_L=5, reg_rho=None, lambda_reg=0.2, lambda_nll=0.8,  # Sec. 7.1; rho None: 3 / T
+    reg_kernel='multigauss', reg_stat='mmd', reg_grad='full', reg_norm='mean1',
+    reg_weight='exp', warm_start=True, reg_steps=None,
+    synthetic=None, fresh_frac=1.0,           # recursive retraining (model collapse)
+    batch_size=None, lr=None, warmup=None, grad_clip=1.0, ema_decay=None, max_steps=None,
+    seed=0, device='auto', dtype='fp32', compile=False,
+    out_dir=None, resume=False, init_from=None,
+    log_every=None, sample_every=None, save_every=None, n_preview=None,
+)
+TOY_PRESET = dict(model='mlp', batch_size=256, lr=1e-3, warmup=200, ema_decay=0.995,
+                  max_steps=10000, log_every=1000, sample_every=0, save_every=5000, n_preview=2000)
+DDPM_PRESET = dict(batch_size=128, lr=2e-4, warmup=5000, ema_decay=0.9999, max_steps=800000,
+                   log_every=100, sample_every=10000, save_every=10000, n_preview=64)  # Ho et al.
+PRESETS = {   # per data set: what the command line leaves open
+    **{name: TOY_PRESET for name in D.TOY},
+    'mnist': dict(DDPM_PRESET, model='mnist', warmup=1000, ema_decay=0.999, max_steps=50000,
+                  sample_every=5000, save_every=5000),
+    'cifar10': dict(DDPM_PRESET, model='cifar10', ip_gamma=0.15),  # 0.15: ADM-IP's CIFAR-10 value
+    'imagenet32': dict(DDPM_PRESET, model='imagenet32'),
+    'celeba64': dict(DDPM_PRESET, model='celeba64'),
+    'folder': dict(DDPM_PRESET, model='small'),
+}
+# the CPU-sized MNIST of reproduce.py (RESULTS.md): real digits at 14x14, the 'tiny' U-Net, batch 64
+# (one step ~0.36 s on one CPU thread; 28x28 would cost ~1.2 s); reproduce.py adds --lr and --data-dir
+MNIST14_FLAGS = ['--model', 'tiny', '--image-size', '14', '--batch-size', '64', '--warmup', '200',
+                 '--ema-decay', '0.995']
+CHOICES = dict(dataset=D.DATASETS, sigma=('beta', 'posterior'), loss=('eps', 'ip', 'sa'),
+               reg_kernel=('gaussian', 'laplace', 'imq', 'multigauss'), reg_stat=('mmd', 'mmd2'),
+               reg_grad=('full', 'last'), reg_norm=('mean1', 'sum1'), reg_weight=('exp', 'uniform'),
+               dtype=('fp32', 'bf16'))
+NONE_TYPES = dict(image_size=int, model=str, dropout=float, beta_1=float, beta_T=float, reg_rho=float,
+                  reg_steps=int, synthetic=str, batch_size=int, lr=float, warmup=int, ema_decay=float,
+                  max_steps=int, out_dir=str, init_from=str, log_every=int, sample_every=int,
+                  save_every=int, n_preview=int)
+# what a resumed run may change; everything else defines the run and is refused
+RESUMABLE = {'max_steps', 'log_every', 'save_every', 'sample_every', 'n_preview', 'device', 'dtype',
+             'compile', 'data_dir', 'out_dir', 'resume', 'lr', 'grad_clip'}
+
+
+def parse_config(argv=None):
+    """Defaults <- data set preset <- command line. Returns (config, keys given on the command line)."""
+    p = argparse.ArgumentParser(description='Train a DDPM (see train.py).')
+    for key, val in CONFIG.items():
+        flag = '--' + key.replace('_', '-')
+        if isinstance(val, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            p.add_argument(flag, type=NONE_TYPES.get(key, type(val)), default=None,
+                           choices=CHOICES.get(key))
+    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    cfg = {**CONFIG, **PRESETS[args.get('dataset', CONFIG['dataset'])], **args}
+    resolve_schedule(cfg)
+    if cfg['out_dir'] is None:
+        cfg['out_dir'] = os.path.join('out', cfg['dataset'] + ('-reg' if cfg['reg'] else ''))
+    if cfg['resume'] and cfg['init_from']:
+        fail('--resume continues a run; --init-from starts a new one: pass only one')
+    if not cfg['resume']:   # a resumed run is checked once merged with its saved settings
+        check_config(cfg)
+    return cfg, set(args)
+
+
+def resolve_schedule(cfg):
+    """Short chains (--T) keep reaching noise: the linear betas scale by 1000 / T (1e-4 and 0.02 at
+    T = 1000, DDPM's; 0.002 and 0.4 at T = 50), capped at 0.999 for T < 21; rho = 3 / T keeps
+    w_0 / w_{T-1} = e^3 as 0.003 does at T = 1000. Explicit --beta-1 / --beta-T / --reg-rho win."""
+    if cfg['beta_1'] is None:
+        cfg['beta_1'] = min(1e-4 * 1000 / cfg['T'], 0.999)
+    if cfg['beta_T'] is None:
+        cfg['beta_T'] = min(0.02 * 1000 / cfg['T'], 0.999)
+    if cfg['reg_rho'] is None:
+        cfg['reg_rho'] = 3 / cfg['T']
+
+
+def check_config(cfg):
+    """Every impossible setting, one line each, before anything is written."""
+    for k in ('batch_size', 'max_steps', 'T', 'log_every', 'save_every', 'n_preview', 'toy_n'):
+        if cfg[k] < 1:
+            fail(f'--{k.replace("_", "-")} must be >= 1, got {cfg[k]}')
+    if cfg['sample_every'] < 0:
+        fail('--sample-every must be >= 0 (0: a preview only at the end)')
+    if not 0 < cfg['beta_1'] <= cfg['beta_T'] < 1:
+        fail(f"need 0 < --beta-1 <= --beta-T < 1, got {cfg['beta_1']:g}, {cfg['beta_T']:g}")
+    if not 0 < cfg['fresh_frac'] <= 1:
+        fail('--fresh-frac must be in (0, 1]')
+    if cfg['fresh_frac'] < 1 and not cfg['synthetic']:
+        fail("--fresh-frac < 1 needs --synthetic PATH (a previous generation's checkpoint or .npz)")
+    if cfg['reg'] and not 1 <= cfg['reg_L'] <= cfg['T']:
+        fail(f"--reg-L must be in 1..T={cfg['T']}")
+    if cfg['reg_steps'] is not None and not (cfg['reg'] and cfg['reg_L'] <= cfg['reg_steps'] <= cfg['T']):
+        fail(f"--reg-steps S needs --reg and --reg-L <= S <= T={cfg['T']}")
+    if cfg['reg'] and cfg['batch_size'] < 4:
+        fail('--reg splits the batch in two halves for MMD: use --batch-size >= 4')
+    if cfg['resume'] and cfg['init_from']:
+        fail('--resume continues a run; --init-from starts a new one: pass only one')
+    if cfg['lr'] < 0 or cfg['grad_clip'] <= 0 or not 0 <= cfg['ema_decay'] < 1:
+        fail('need --lr >= 0, --grad-clip > 0 and 0 <= --ema-decay < 1')
+
+
+def model_overrides(cfg):
+    return {} if cfg.get('dropout') is None else dict(dropout=cfg['dropout'])
+
+
+def make_diffusion(cfg, device='cpu'):
+    return Diffusion(cfg['T'], cfg['beta_1'], cfg['beta_T'], cfg['sigma'], device)
+
+
+# ---- seeded random streams: the one way the project seeds randomness ---------------------------
+def seed_of(seed, stream, *index):
+    """A 63-bit seed for the random stream `stream` (a name) at `index` (e.g. step, rank) of run
+    `seed`. Hashing keeps every (seed, stream, index) apart: no two streams share a seed."""
+    h = hashlib.blake2b(repr((int(seed), stream) + tuple(int(i) for i in index)).encode(), digest_size=8)
+    return int.from_bytes(h.digest(), 'little') >> 1
+
+
+def rng(seed, stream, *index, device='cpu'):
+    """torch.Generator on `device` seeded with seed_of(seed, stream, *index)."""
+    return torch.Generator(device).manual_seed(seed_of(seed, stream, *index))
+
+
+# ---- device and torchrun ---------------------------------------------------------------------
+def setup_device(device='auto', distributed=True):
+    """(device, rank, world). 'auto': cuda:LOCAL_RANK when CUDA is there, else cpu. Under torchrun
+    (WORLD_SIZE > 1) joins the process group: nccl on GPUs, gloo on CPUs."""
+    world = int(os.environ.get('WORLD_SIZE', 1)) if distributed else 1
+    rank = int(os.environ.get('RANK', 0)) if world > 1 else 0
+    if device == 'auto':
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else 'cpu'
+    if device.startswith('cuda'):
+        if not torch.cuda.is_available():
+            fail(f'--device {device}: this machine has no CUDA GPU (torch {torch.__version__}); '
+                 f'use --device cpu or auto')
+        torch.cuda.set_device(device if ':' in device else 'cuda:0')
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    elif device != 'cpu' and not device.startswith('mps'):
+        fail(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+    return device, rank, world
+
+
+def shard(n, rank, world):
+    """[lo, hi) of n items for `rank`: contiguous, in rank order."""
+    per = -(-n // world)
+    return min(n, rank * per), min(n, (rank + 1) * per)
+
+
+def gather(x, world):
+    """Every rank's tensor or array, concatenated in rank order (the shards' order)."""
+    if world == 1:
+        return x
+    parts = [None] * world
+    dist.all_gather_object(parts, x)
+    return torch.cat(parts) if isinstance(x, torch.Tensor) else np.concatenate(parts)
+
+
+def teardown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---- atomic, durable writes ------------------------------------------------------------------
+def atomic_write(path, write, binary=True):
+    """write(f) into a temporary file beside `path`, fsync it, rename it over `path`, fsync the
+    folder: readers see the old file or the new one, never half of one, even after a power loss."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f'{path}.{os.getpid()}.tmp'   # pid: ranks writing side by side never share a tmp file
+    try:
+        with open(tmp, 'wb' if binary else 'w') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def json_safe(obj):
+    """Non-finite floats as None (null): JSON has no NaN or Infinity."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: json.dump(json_safe(obj), f, indent=1, allow_nan=False), binary=False)
+
+
+def save_figure(fig, path, dpi=100, tight=True):
+    import matplotlib.pyplot as plt
+    atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=dpi, bbox_inches='tight' if tight else None))
+    plt.close(fig)
+
+
+def save_npz(path, **arrays):
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def read_npz(path, need=()):
+    """{name: array} of an .npz file, holding every name in `need`, or a one-line error naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path} does not exist')
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable .npz file ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:120]})") from None
+    missing = [k for k in need if k not in arrays]
+    if missing:
+        raise ValueError(f'{path} has no {missing[0]!r} array (it has {sorted(arrays)})')
+    return arrays
+
+
+def check_writable(path):
+    """Fail now, before any long computation, if `path` could not be written later."""
+    folder = os.path.dirname(os.path.abspath(path))
+    probe = folder
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK) or os.path.isdir(path):
+        fail(f'cannot write {path}: {probe} is not a writable folder' if not os.path.isdir(path)
+             else f'cannot write {path}: it is a folder')
+
+
+def save_preview(samples, real, path):
+    """A grid of images, or for vector data a scatter of samples over the data (first 2 dims)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    if samples.dim() == 4:
+        import torchvision
+        atomic_write(path, lambda f: torchvision.utils.save_image(
+            (samples + 1) / 2, f, format='png', nrow=int(math.sqrt(len(samples)))))
+        return
+    fig, ax = plt.subplots(figsize=(5, 5))
+    r = real[:len(samples)].float().cpu()
+    ax.scatter(r[:, 0], r[:, 1], s=2, alpha=0.4, label='data')
+    ax.scatter(samples[:, 0].cpu(), samples[:, 1].cpu(), s=2, alpha=0.6, label='samples (EMA)')
+    ax.legend(loc='upper right', markerscale=4)
+    ax.set_aspect('equal')
+    save_figure(fig, path)
+
+
+# ---- checkpoints: one format ------------------------------------------------------------------
+def save_checkpoint(path, **state):
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def read_checkpoint(file):
+    """The raw checkpoint dict of one of our ckpt.pt files, or a one-line ValueError."""
+    try:
+        ck = torch.load(file, map_location='cpu', weights_only=True)
+        missing = {'model', 'ema', 'config', 'data_shape', 'step'} - set(ck)
+        if missing:
+            raise KeyError(f'no {sorted(missing)}')
+        return ck
+    except Exception as e:
+        why = ' '.join(str(e).split())[:120].split(' In PyTorch')[0]   # one line, none of torch's advice
+        raise ValueError(f'{file} is not a readable checkpoint of this project '
+                         f'({type(e).__name__}: {why}); it may be truncated or corrupt') from None
+
+
+def checkpoint_file(path):
+    file = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f'no checkpoint at {file}: pass a run folder with ckpt.pt, a .pt file, '
+                                f'or a diffusers DDPM folder')
+    return file
+
+
+def diffusers_config(name, shape):
+    """A released DDPM folder behaves as one of our runs of the matching data set: DDPM's schedule
+    (T = 1000, linear 1e-4..0.02), the cifar10 / celeba64 preset, or a folder run at its size."""
+    dataset = {(3, 32, 32): 'cifar10', (3, 64, 64): 'celeba64'}.get(tuple(shape), 'folder')
+    cfg = {**CONFIG, **PRESETS[dataset], 'dataset': dataset, 'model': name, 'data_shape': list(shape),
+           'image_size': None if dataset != 'folder' else shape[-1]}
+    resolve_schedule(cfg)
+    return cfg
+
+
+def load_checkpoint(path, device='cpu', ema=True):
+    """(model in eval mode, diffusion, config) from a run folder, a ckpt.pt, or a diffusers DDPM
+    folder. ema=True takes the EMA weights (what sampling and evaluation use)."""
+    if os.path.isdir(path) and is_diffusers_folder(path):
+        state, name, shape = load_diffusers_unet(path)
+        cfg = diffusers_config(name, shape)
+        model = build_model(name, shape)
+        model.load_state_dict(state)
+    else:
+        file = checkpoint_file(path)
+        ck = read_checkpoint(file)
+        cfg = dict(ck['config'], data_shape=list(ck['data_shape']))
+        resolve_schedule(cfg)   # runs written before the schedule rule stored explicit betas
+        state = ck['ema' if ema else 'model']
+        try:
+            model = build_model(cfg['model'], tuple(ck['data_shape']), **model_overrides(cfg))
+            model.load_state_dict(state)
+        except Exception as e:
+            raise ValueError(f'{file} does not fit the network it names ({type(e).__name__}: '
+                             f"{' '.join(str(e).split())[:160]})") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f'{path} holds non-finite weights ({bad[0]}, ...): the run diverged; '
+                         f'use an earlier checkpoint or retrain with a lower --lr')
+    return model.to(device).eval(), make_diffusion(cfg, device), cfg
+
+
+def generate(model, diff, n, shape, sample_batch=256, seed=0, device='cpu', progress=False, **chain):
+    """n samples (float, model space, on the CPU) drawn sample_batch at a time from one seeded
+    generator; `chain` goes to Diffusion.sample_chain (sampler, steps, eta, eps_scale)."""
+    g = torch.Generator(device).manual_seed(seed)
+    out, it = [], range(0, n, sample_batch)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc='sampling', unit='batch')
+    for i in it:
+        b = min(sample_batch, n - i)
+        out.append(diff.sample(model, (b, *shape), generator=g, device=device, **chain).cpu())
+    return torch.cat(out) if out else torch.empty(0, *shape)
+
+
+# ---- sampling flags, one vocabulary for sample.py and evaluate.py ------------------------------
+def add_sampling_args(p, quant=True):
+    """--sampler/--steps/--eta/--eps-scale(-k) and, with quant, the quantised-sampling flags."""
+    p.add_argument('--sampler', choices=('ddpm', 'ddim'), default='ddpm',
+                   help='ddpm: ancestral (Eq. 16), respaced when --steps < T; ddim: DDIM with --eta')
+    p.add_argument('--steps', type=int, help='sampling steps S (default: every step of the T-step chain)')
+    p.add_argument('--eta', type=float, default=0.0, help='DDIM noise: 0 deterministic, 1 DDPM-like')
+    p.add_argument('--eps-scale', type=float, default=1.0,
+                   help='epsilon scaling (ADM-ES): divide eps by lambda_t = B + K t (1: off)')
+    p.add_argument('--eps-scale-k', type=float, default=0.0, help='K of the linear-in-t eps scaling')
+    if quant:
+        p.add_argument('--quant', default='none', choices=('none', 'w8a8', 'w4a8'),
+                       help='fake-quantised sampling (seed 002)')
+        p.add_argument('--quant-compensate', action='store_true',
+                       help='apply the timestep-aware correction')
+        p.add_argument('--calib-traj', type=int, help='calibration chains (default 4 x 64 toy, 2 x 16 images)')
+        p.add_argument('--recalibrate', action='store_true', help='ignore a stored quant_<spec>.pt')
+
+
+def chain_kwargs(a, diff):
+    """Diffusion.sample_chain's sampler settings from add_sampling_args' flags, checked now,
+    before anything long starts."""
+    if a.steps is not None and not 1 <= a.steps <= diff.T:
+        fail(f'--steps must be in 1..T={diff.T}, got {a.steps}')
+    if a.eta < 0 or (a.eta and a.sampler != 'ddim'):
+        fail('--eta must be >= 0 and goes with --sampler ddim')
+    kw = dict(sampler=a.sampler, steps=a.steps)
+    if a.eta:
+        kw['eta'] = a.eta
+    if a.eps_scale != 1.0 or a.eps_scale_k:
+        from diffusion import eps_scale_schedule
+        lam = eps_scale_schedule(diff.T, a.eps_scale, a.eps_scale_k)
+        if not (lam[1:] > 0).all():
+            fail(f'--eps-scale {a.eps_scale:g} --eps-scale-k {a.eps_scale_k:g} give lambda_t <= 0: '
+                 f'lambda_t must stay positive')
+        kw['eps_scale'] = lam.to(diff.device)
+    return kw

@@ -311,7 +311,7 @@ def test_errprop_curve_times_keys_and_chunking():
     a = errprop_curve(model, diff, x0, generator=torch.Generator().manual_seed(0), **kw)
     b = errprop_curve(model, diff, x0, generator=torch.Generator().manual_seed(0), batch_size=7, **kw)
     c = errprop_curve(model, diff, x0, generator=torch.Generator().manual_seed(1), **kw)
-    assert set(a) == {'t', 'gaussian', 'imq'}
+    assert set(a) == {'t', 'gaussian', 'imq', 'delta', 'std', 'std_q'}
     assert a['t'] == [20, 18, 12, 6, 0]
     assert all(len(a[k]) == 5 for k in ('gaussian', 'imq'))
     assert a['t'] == b['t']

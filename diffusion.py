@@ -11,8 +11,9 @@ Losses (all means over every element, i.e. Eq. (5) divided by the dimension K):
   eps  : ||eps - eps_theta(x_t, t)||^2                                   Eq. (5)
   ip   : input perturbation (ADM-IP): x_t built from eps + gamma xi, target eps
   sa   : sequence-aware loss of SA-DPM: eps-MSE + lambda * SA
-Samplers: `sample_chain` is the one backward loop (ancestral Eq. (16) or DDIM), used by the
-training previews, sample.py, the D_MMD(t) measurement and the regulariser's bootstrapped chain.
+Samplers: `sample_chain` is the one backward loop (ancestral Eq. (16), respaced to S steps as in
+improved DDPM / ADM, or DDIM with eta; optional epsilon scaling of ADM-ES), used by the training
+previews, sample.py, the D_MMD(t) measurement, fault_tolerance and the regulariser's chain.
 """
 import torch
 
@@ -160,10 +161,7 @@ class Diffusion:
         callback(t, x_t) is called with the starting state and after every step; if it returns a
         tensor, that tensor replaces x_t (used to inject perturbations). Gradients flow if enabled.
         """
-        if generator is not None:
-            if noise is not None:
-                raise ValueError('pass the noise source as noise= or generator=, not both')
-            noise = generator
+        noise = _noise_source(noise, generator)
         if sampler not in ('ddpm', 'ddim'):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
         if eta < 0:
@@ -171,7 +169,8 @@ class Diffusion:
         if isinstance(steps, (list, tuple)):
             ts = list(steps)
             if len(ts) < 2 or any(a <= b for a, b in zip(ts, ts[1:])) or not 0 <= ts[-1] < ts[0] <= self.T:
-                raise ValueError(f'explicit steps must be a descending list of chain indices in 0..T, got {ts}')
+                raise ValueError(f'explicit steps must be a descending list of chain indices in '
+                                 f'0..T, got {ts}')
         else:
             ts = self.times(t_start, t_stop, steps)
         lam = self._lambda(eps_scale, ts[:-1])
@@ -202,8 +201,9 @@ class Diffusion:
                              f'got shape {tuple(lam.shape)}')
         bad = [t for t in ts if not lam[t] > 0]   # NaN fails too
         if bad:
-            raise ValueError(f'eps_scale lambda_t must be > 0 at every visited t, got {lam[bad[0]].item()} '
-                             f'at t={bad[0]}; build it with eps_scale_schedule(T, b, k, steps) for this chain')
+            raise ValueError(f'eps_scale lambda_t must be > 0 at every visited t, got '
+                             f'{lam[bad[0]].item()} at t={bad[0]}; build it with '
+                             f'eps_scale_schedule(T, b, k, steps) for this chain')
         return lam.to(self.beta.device)
 
     @torch.no_grad()
@@ -211,12 +211,20 @@ class Diffusion:
                device=None, eta=0.0, eps_scale=None, generator=None):
         """Draw samples of `shape` (B, ...) from x_T ~ N(0, I) with the full chain (see sample_chain)."""
         device = device or self.device
-        noise = generator if noise is None else noise
+        noise = _noise_source(noise, generator)
         if callable(noise) and not isinstance(noise, torch.Generator):
             x = noise(shape)
         else:
             x = torch.randn(shape, generator=noise, device=device)
         return self.sample_chain(model, x, self.T, 0, sampler, steps, noise, callback, eta, eps_scale)
+
+
+def _noise_source(noise, generator):
+    if generator is None:
+        return noise
+    if noise is not None:
+        raise ValueError('pass the noise source as noise= or generator=, not both')
+    return generator
 
 
 def _replace(x, y):

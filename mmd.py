@@ -1,6 +1,7 @@
 """Maximum mean discrepancy: kernels, estimators, the paper's consistency regulariser with
 TD-style bootstrapping (Sec. 5, Eq. 14-16, Algorithm 1) and the error-propagation curve D_MMD(t)
-(Sec. 4.2, Eq. 8-10, Fig. 1).
+(Sec. 4.2, Eq. 8-10, Fig. 1), with ADM-ES's exposure-bias measure delta_t alongside, and a direct
+test of Theorem 4.1 (fault_tolerance: two chains sharing their noise, one perturbed at t0).
 
 Kernels act on squared Euclidean distances between flattened samples. Their bandwidth comes from
 the pooled set {x} u {y} (median or mean pairwise squared distance), is detached from the graph

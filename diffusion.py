@@ -11,8 +11,9 @@ Losses (all means over every element, i.e. Eq. (5) divided by the dimension K):
   eps  : ||eps - eps_theta(x_t, t)||^2                                   Eq. (5)
   ip   : input perturbation (ADM-IP): x_t built from eps + gamma xi, target eps
   sa   : sequence-aware loss of SA-DPM: eps-MSE + lambda * SA
-Samplers: `sample_chain` is the one backward loop (ancestral Eq. (16) or DDIM), used by the
-training previews, sample.py, the D_MMD(t) measurement and the regulariser's bootstrapped chain.
+Samplers: `sample_chain` is the one backward loop (ancestral Eq. (16), respaced to S steps as in
+improved DDPM / ADM, or DDIM with eta; optional epsilon scaling of ADM-ES), used by the training
+previews, sample.py, the D_MMD(t) measurement, fault_tolerance and the regulariser's chain.
 """
 import torch
 
@@ -49,6 +50,7 @@ class Diffusion:
         self.beta, self.alpha, self.abar = beta.to(**f), alpha.to(**f), abar.to(**f)
         self.sqrt_abar, self.sqrt_1m_abar = abar.sqrt().to(**f), (1 - abar).sqrt().to(**f)
         self.sigma = var.sqrt().to(**f)
+        self._abar64 = abar   # float64, for the respaced and DDIM-eta coefficients
         self.device = device
 
     # ---- forward process -------------------------------------------------------------------
@@ -92,67 +94,176 @@ class Diffusion:
         return mse + lam * sa, mse, sa
 
     # ---- backward process ------------------------------------------------------------------
-    def p_step(self, model, x_t, t, noise=None):
-        """One backward step of Eq. (16): x_t -> x_{t-1} (t an int in 1..T).
+    def _eps(self, model, x, t, lam):
+        """eps_theta(x_t, t) / lambda_t: epsilon scaling of ADM-ES (lam None: no scaling)."""
+        eps = self.eps(model, x, t)
+        return eps if lam is None else eps / lam
 
-        x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t) * eps_theta(x_t, t)) / sqrt(alpha_t) + sigma_t z;
-        no noise at the last step (t = 1), as in DDPM.
+    def p_step(self, model, x_t, t, noise=None, t_next=None, lam=None):
+        """One ancestral step x_t -> x_{t'} (t' = t_next, default t - 1; ints, t' < t).
+
+        t' = t - 1 is Eq. (16) with the stored float32 beta_t, alpha_t, sigma_t. A longer step is
+        the respaced step of improved DDPM / ADM: alpha' = abar_t / abar_t', beta' = 1 - alpha',
+        variance beta' ('beta') or (1 - abar_t') / (1 - abar_t) beta' ('posterior'), computed in
+        float64 from abar. No noise on the step that lands on t' = 0.
         """
-        eps = self.eps(model, x_t, t)
-        mean = (x_t - self.beta[t] / self.sqrt_1m_abar[t] * eps) / self.alpha[t].sqrt()
-        if t == 1 or noise is None:
+        t_next = t - 1 if t_next is None else t_next
+        if t_next == t - 1:
+            beta, alpha, sigma = self.beta[t], self.alpha[t], self.sigma[t]
+        else:
+            a_t, a_n = self._abar64[t], self._abar64[t_next]
+            alpha = a_t / a_n
+            var = (1 - alpha) * ((1 - a_n) / (1 - a_t) if self.sigma_type == 'posterior' else 1.0)
+            f = dict(dtype=torch.float32, device=self.beta.device)
+            beta, alpha, sigma = (1 - alpha).to(**f), alpha.to(**f), var.sqrt().to(**f)
+        eps = self._eps(model, x_t, t, lam)
+        mean = (x_t - beta / self.sqrt_1m_abar[t] * eps) / alpha.sqrt()
+        if t_next == 0 or noise is None:
             return mean
-        return mean + self.sigma[t] * noise
+        return mean + sigma * noise
 
-    def ddim_step(self, model, x_t, t, t_next):
-        """Deterministic DDIM step (eta = 0) from chain index t to t_next < t."""
-        eps = self.eps(model, x_t, t)
-        x0_pred = (x_t - self.sqrt_1m_abar[t] * eps) / self.sqrt_abar[t]
-        return self.sqrt_abar[t_next] * x0_pred + self.sqrt_1m_abar[t_next] * eps
+    def ddim_step(self, model, x_t, t, t_next, noise=None, eta=0.0, lam=None):
+        """DDIM step from chain index t to t_next < t (Song et al. 2021, Eq. 12):
 
-    def ddim_times(self, t_start, t_stop, steps):
-        """Chain indices visited by DDIM with `steps` steps: evenly spaced from t_start to t_stop."""
-        ts = torch.linspace(t_start, t_stop, steps + 1).round().long().tolist()
-        return sorted(set(ts), reverse=True)
-
-    def sample_chain(self, model, x, t_start=None, t_stop=0, sampler='ddpm', steps=None,
-                     generator=None, callback=None):
-        """Run the backward chain from x = x_{t_start} down to x_{t_stop}; returns x_{t_stop}.
-
-        sampler: 'ddpm' (ancestral, Eq. (16), every step) or 'ddim' (eta = 0, `steps` steps).
-        generator: torch.Generator for the ancestral noise z (reproducible chains).
-        callback(t, x_t) is called with the starting state and after every step, so a caller can
-        measure the chain on the fly (D_MMD(t)) without storing trajectories.
-        Gradients flow if the caller has them enabled (the regulariser); wrap in torch.no_grad()
-        for sampling.
+        x_t' = sqrt(abar_t') x0_pred + sqrt(1 - abar_t' - s^2) eps + s z,
+        s = eta sqrt((1 - abar_t') / (1 - abar_t)) sqrt(1 - abar_t / abar_t'); eta = 0: deterministic.
         """
+        eps = self._eps(model, x_t, t, lam)
+        x0_pred = (x_t - self.sqrt_1m_abar[t] * eps) / self.sqrt_abar[t]
+        if eta == 0 or t_next == 0 or noise is None:
+            return self.sqrt_abar[t_next] * x0_pred + self.sqrt_1m_abar[t_next] * eps
+        a_t, a_n = self._abar64[t], self._abar64[t_next]
+        s = eta * ((1 - a_n) / (1 - a_t) * (1 - a_t / a_n)).sqrt()
+        f = dict(dtype=torch.float32, device=self.beta.device)
+        c = (1 - a_n - s * s).clamp(min=0).sqrt().to(**f)
+        return self.sqrt_abar[t_next] * x0_pred + c * eps + s.to(**f) * noise
+
+    def times(self, t_start=None, t_stop=0, steps=None):
+        """Chain indices visited from t_start (default T) down to t_stop: see `times` below."""
         t_start = self.T if t_start is None else t_start
         if not 0 <= t_stop < t_start <= self.T:
             raise ValueError(f'need 0 <= t_stop < t_start <= T, got t_start={t_start}, t_stop={t_stop}')
-        if callback is not None:
-            callback(t_start, x)
-        if sampler == 'ddpm':
-            for t in range(t_start, t_stop, -1):
-                z = None
-                if t > 1:
-                    z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                x = self.p_step(model, x, t, z)
-                if callback is not None:
-                    callback(t - 1, x)
-        elif sampler == 'ddim':
-            ts = self.ddim_times(t_start, t_stop, steps or 100)
-            for t, t_next in zip(ts[:-1], ts[1:]):
-                x = self.ddim_step(model, x, t, t_next)
-                if callback is not None:
-                    callback(t_next, x)
-        else:
+        return times(t_start, t_stop, steps)
+
+    ddim_times = times   # old name
+
+    def sample_chain(self, model, x, t_start=None, t_stop=0, sampler='ddpm', steps=None, noise=None,
+                     callback=None, eta=0.0, eps_scale=None, generator=None):
+        """Run the backward chain from x = x_{t_start} down to x_{t_stop}; returns x_{t_stop}.
+
+        sampler: 'ddpm' (ancestral: Eq. (16), respaced when steps < t_start - t_stop) or 'ddim'
+        (`eta` scales its noise; 0: deterministic). steps: int (evenly spaced, see `times`), None
+        (every index) or the explicit descending list of visited indices, t_start first, t_stop last.
+        noise: source of z, a torch.Generator, None (torch's default generator) or a callable
+        noise(shape) -> tensor (shared or recorded noise); `generator=` is the old name for it.
+        eps_scale: lambda of epsilon scaling (ADM-ES), eps_theta / lambda_t at every step: None,
+        a float, or a tensor (T + 1,) indexed by chain index t (see `eps_scale_schedule`).
+        callback(t, x_t) is called with the starting state and after every step; if it returns a
+        tensor, that tensor replaces x_t (used to inject perturbations). Gradients flow if enabled.
+        """
+        noise = _noise_source(noise, generator)
+        if sampler not in ('ddpm', 'ddim'):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        if eta < 0:
+            raise ValueError(f'DDIM eta must be >= 0 (0: deterministic, 1: DDPM-like), got {eta}')
+        if isinstance(steps, (list, tuple)):
+            ts = list(steps)
+            if len(ts) < 2 or any(a <= b for a, b in zip(ts, ts[1:])) or not 0 <= ts[-1] < ts[0] <= self.T:
+                raise ValueError(f'explicit steps must be a descending list of chain indices in '
+                                 f'0..T, got {ts}')
+        else:
+            ts = self.times(t_start, t_stop, steps)
+        lam = self._lambda(eps_scale, ts[:-1])
+        draw = noise if callable(noise) and not isinstance(noise, torch.Generator) else \
+            (lambda shape: torch.randn(shape, generator=noise, device=x.device, dtype=x.dtype))
+        if callback is not None:
+            x = _replace(x, callback(ts[0], x))
+        for t, t_next in zip(ts[:-1], ts[1:]):
+            lt = None if lam is None else lam[t]
+            needs_z = t_next > 0 and (sampler == 'ddpm' or eta > 0)
+            z = draw(x.shape) if needs_z else None
+            if sampler == 'ddpm':
+                x = self.p_step(model, x, t, z, t_next, lt)
+            else:
+                x = self.ddim_step(model, x, t, t_next, z, eta, lt)
+            if callback is not None:
+                x = _replace(x, callback(t_next, x))
         return x
 
+    def _lambda(self, eps_scale, ts):
+        """eps_scale -> None or a (T + 1,) tensor; lambda must be > 0 at every t the chain uses."""
+        if eps_scale is None:
+            return None
+        lam = torch.as_tensor(eps_scale, dtype=torch.float32)
+        lam = lam.expand(self.T + 1) if lam.dim() == 0 else lam
+        if lam.shape != (self.T + 1,):
+            raise ValueError(f'eps_scale must be a float or a tensor of length T + 1 = {self.T + 1}, '
+                             f'got shape {tuple(lam.shape)}')
+        bad = [t for t in ts if not lam[t] > 0]   # NaN fails too
+        if bad:
+            raise ValueError(f'eps_scale lambda_t must be > 0 at every visited t, got '
+                             f'{lam[bad[0]].item()} at t={bad[0]}; build it with '
+                             f'eps_scale_schedule(T, b, k, steps) for this chain')
+        return lam.to(self.beta.device)
+
     @torch.no_grad()
-    def sample(self, model, shape, sampler='ddpm', steps=None, generator=None, callback=None,
-               device=None):
-        """Draw samples of `shape` (B, ...) from x_T ~ N(0, I) with the full chain."""
+    def sample(self, model, shape, sampler='ddpm', steps=None, noise=None, callback=None,
+               device=None, eta=0.0, eps_scale=None, generator=None):
+        """Draw samples of `shape` (B, ...) from x_T ~ N(0, I) with the full chain (see sample_chain)."""
         device = device or self.device
-        x = torch.randn(shape, generator=generator, device=device)
-        return self.sample_chain(model, x, self.T, 0, sampler, steps, generator, callback)
+        noise = _noise_source(noise, generator)
+        if callable(noise) and not isinstance(noise, torch.Generator):
+            x = noise(shape)
+        else:
+            x = torch.randn(shape, generator=noise, device=device)
+        return self.sample_chain(model, x, self.T, 0, sampler, steps, noise, callback, eta, eps_scale)
+
+
+def _noise_source(noise, generator):
+    if generator is None:
+        return noise
+    if noise is not None:
+        raise ValueError('pass the noise source as noise= or generator=, not both')
+    return generator
+
+
+def _replace(x, y):
+    return x if y is None else y
+
+
+def times(t_start, t_stop=0, steps=None):
+    """The chain indices a chain of `steps` steps visits: evenly spaced from t_start down to t_stop
+    (linspace, rounded; steps None: every index). One rule for both samplers. With
+    1 <= steps <= t_start - t_stop the spacing is >= 1, so exactly `steps` steps result."""
+    if steps is None:
+        return list(range(t_start, t_stop - 1, -1))
+    if not 1 <= steps <= t_start - t_stop:
+        raise ValueError(f'steps must be in 1..{t_start - t_stop} (= t_start - t_stop), got {steps}')
+    ts = torch.linspace(t_start, t_stop, steps + 1).round().long().tolist()
+    return sorted(set(ts), reverse=True)
+
+
+def eps_scale_schedule(T, b, k=0.0, steps=None):
+    """lambda_t of epsilon scaling (ADM-ES: Ning et al., ICLR 2024, Sec. 5), as a (T + 1,) tensor
+    indexed by chain index t, for sample_chain(eps_scale=...).
+
+    The paper's schedule is lambda = k i + b (k = 0: the uniform schedule lambda = b, its default).
+    In the released code (forever208/ADM-ES, guided_diffusion/gaussian_diffusion.py, the
+    `sampling_scaler` list and _predict_xstart_from_eps) i is the 0-based index of the *respaced*
+    timestep, i.e. the step's position on the S-step sampling grid counted from the bottom: i = 0
+    is the last step (landing on x_0), i = S - 1 the first (from x_T). The network output is
+    divided by lambda before x0_pred and the mean are formed, for both ancestral and DDIM sampling.
+    Here i = j - 1 for the step leaving the j-th index from the bottom of times(T, 0, steps)
+    (steps None: every index, so i = t - 1). Indices off that grid are NaN (sample_chain refuses
+    them), so build the schedule with the same steps as the chain. lambda must be > 0.
+    """
+    if b <= 0:
+        raise ValueError(f'eps scale b must be > 0 (1: no scaling), got {b}')
+    lam = torch.full((T + 1,), float('nan'), dtype=torch.float64)
+    grid = times(T, 0, steps)[::-1]   # ascending: grid[j] for j = 0..S
+    for j in range(1, len(grid)):
+        lam[grid[j]] = b + k * (j - 1)
+    lam[0] = b   # never used (no step leaves x_0); keeps lambda_0 defined
+    if not (lam[grid[1:]] > 0).all():
+        raise ValueError(f'eps scale k t + b must stay > 0 on all {len(grid) - 1} steps, got b={b}, k={k}')
+    return lam.float()

@@ -6,9 +6,14 @@
     torchrun --nproc_per_node=8 evaluate.py fid --ckpt out/cifar10 --num-samples 50000
     python evaluate.py fid --samples samples.npz --dataset cifar10 --data-dir data
     python evaluate.py quanterr --ckpt out/8gaussians --quant w8a8 w4a8     # quantised sampling
+    python evaluate.py faulttol --ckpt out/8gaussians --steps 20 --t0 10 --delta 0.1   # Theorem 4.1
+    python evaluate.py es-search --ckpt out/8gaussians --steps 20     # epsilon scaling (ADM-ES)
 
 errprop runs the chain from N noise samples and compares, at every measured t, the backward
-samples with M forward samples x_t of real training data (Sec. 4.2, Eq. 8-10). fid uses
+samples with M forward samples x_t of real training data (Sec. 4.2, Eq. 8-10), and records the
+exposure bias delta_t of ADM-ES beside it. faulttol perturbs one of two chains that share x_T
+and their noise at t0 and follows the gap (the paper's Theorem 4.1, measured). es-search picks
+the epsilon-scaling factor for a checkpoint and step count on a grid. fid uses
 pytorch-fid's Inception (2048-d pool3 features, fid.py) against statistics of the training set,
 computed once and cached as .npz. Every output file is written atomically.
 """
@@ -21,7 +26,7 @@ import data as D
 import fid as F
 import quant
 import runtime as R
-from mmd import KERNELS, errprop_curve
+from mmd import KERNELS, errprop_curve, fault_tolerance, mmd2, signed_sqrt
 
 ESTIMATOR_NAMES = {'u': 'unbiased U-statistic', 'v': 'V-statistic, Eq. 10'}
 
@@ -33,8 +38,11 @@ def run_label(path):
 
 def real_examples(cfg, m, seed, data_dir=None):
     """M training examples of the checkpoint's data set (a seeded choice), in model space."""
-    return D.random_examples(m, seed, cfg['dataset'], data_dir or cfg['data_dir'], cfg['image_size'],
-                             cfg['toy_n'], cfg['seed'])
+    try:
+        return D.random_examples(m, seed, cfg['dataset'], data_dir or cfg['data_dir'], cfg['image_size'],
+                                 cfg['toy_n'], cfg['seed'])
+    except ValueError as e:
+        R.fail(f'{e}: lower --m (or --n)')
 
 
 def plot_curves(runs, keys, ylabel, path, titles=None):
@@ -67,13 +75,13 @@ def load_runs(a, device):
         chain = R.chain_kwargs(a, diff)
         runs.append((ckpt, label, model, diff, cfg, chain))
     return [(c, lab, quant.for_sampling(m, d, tuple(cfg['data_shape']), c, a.quant, a.quant_compensate,
-                               a.calib_traj, a.recalibrate, device), d, cfg, ch)
+                                        a.calib_traj, a.recalibrate, device, **ch), d, cfg, ch)
             for c, lab, m, d, cfg, ch in runs]
 
 
 # ---- errprop: D_MMD(t) along the sampling chain (Sec. 4.2, Eq. 8-10, Fig. 1 / Fig. 3) ----------
 def run_errprop(a):
-    if a.t_stride < 1 or a.n < 2 or a.m < 2:
+    if (a.t_stride or 1) < 1 or a.n < 2 or a.m < 2:
         R.fail('need --t-stride >= 1 and --n, --m >= 2')
     for path in (a.out + '.json', a.out + '.png'):
         R.check_writable(path)
@@ -86,9 +94,8 @@ def run_errprop(a):
             curve = errprop_curve(model, diff, x0, a.n, a.kernels, a.estimator, a.t_stride,
                                   torch.Generator(device).manual_seed(a.seed), a.chunk,
                                   lambda t: bar.update(1), device, **chain)
-        runs.append(dict(ckpt=ckpt, label=label, dataset=cfg['dataset'], T=diff.T, sampler=a.sampler,
-                         steps=chain['steps'] or diff.T, eta=a.eta, eps_scale=a.eps_scale,
-                         eps_scale_k=a.eps_scale_k, **curve))
+        runs.append(dict(ckpt=ckpt, label=label, dataset=cfg['dataset'], T=diff.T, **chain_settings(a, diff),
+                         **curve))
     settings = dict(vars(a), estimator_name=ESTIMATOR_NAMES[a.estimator],
                     value='sign(MMD^2) * sqrt(|MMD^2|), MMD^2 estimated with the estimator above')
     settings.pop('run', None)
@@ -97,6 +104,70 @@ def run_errprop(a):
                 {k: f'{k} kernel' for k in a.kernels})
     at0 = '; '.join(r['label'] + ': ' + ', '.join(f'{k} {r[k][-1]:.4g}' for k in a.kernels) for r in runs)
     print(f'D_MMD(t=0) [{ESTIMATOR_NAMES[a.estimator]}] {at0} | wrote {a.out}.json, {a.out}.png')
+
+
+def chain_settings(a, diff):
+    """What the JSON records about the chain: sampler, steps, eta, eps scaling."""
+    return dict(sampler=a.sampler, steps=a.steps or diff.T, eta=a.eta, eps_scale=a.eps_scale,
+                eps_scale_k=a.eps_scale_k)
+
+
+# ---- faulttol: Theorem 4.1 (fault intolerance), measured -----------------------------------------
+def run_faulttol(a):
+    if a.delta < 0 or a.n < 2:
+        R.fail('need --delta >= 0 (the RMS of the perturbation) and --n >= 2')
+    for path in (a.out + '.json', a.out + '.png'):
+        R.check_writable(path)
+    device = R.setup_device(a.device, distributed=False)[0]
+    runs = []
+    for ckpt, label, model, diff, cfg, chain in load_runs(a, device):
+        visited = diff.times(diff.T, 0, a.steps)
+        bad = [t0 for t0 in a.t0 if t0 not in visited or t0 == 0]
+        if bad:
+            R.fail(f'--t0 {bad[0]} is not a step of this chain ({a.sampler}, {len(visited) - 1} steps): '
+                   f'pick from {visited[:4]} ... {visited[-4:-1]}')
+        x_T = torch.randn((a.n, *cfg['data_shape']), generator=torch.Generator().manual_seed(a.seed))
+        for t0 in a.t0:
+            r = fault_tolerance(model, diff, x_T, t0, a.delta, a.mode, noise_seed=a.seed, kernels=a.kernels,
+                                batch_size=a.chunk, device=device, **chain)
+            runs.append(dict(r, ckpt=ckpt, label=f'{label}, t0={t0}', dataset=cfg['dataset'], T=diff.T,
+                             **chain_settings(a, diff)))
+            print(f"{label}: perturbation of RMS {a.delta:g} at t0={t0} ({a.mode}) -> gap at t=0 "
+                  f"{r['gap'][-1]:.4g}, A(0) = {r['amp'][-1]:.4g}, max A = {max(r['amp']):.4g}")
+    R.write_json(a.out + '.json', dict(settings={k: v for k, v in vars(a).items() if k != 'run'}, runs=runs))
+    plot_curves(runs, ['amp'], 'A(t) = gap(t) / gap(t0)', a.out + '.png',
+                {'amp': 'amplification of an injected error (> 1: amplified)'})
+    print(f'wrote {a.out}.json, {a.out}.png')
+
+
+# ---- es-search: the epsilon-scaling factor for a checkpoint and step count (ADM-ES) --------------
+def run_es_search(a):
+    """For every B on the grid, n samples of the chain with eps / B, scored by D_MMD(0) (signed
+    sqrt of the unbiased MMD^2, gaussian kernel) against m real examples held out from the draw:
+    fresh draws of the true distribution for toy sets, training examples for image sets."""
+    if a.n < 2 or a.m < 2 or not a.grid or min(a.grid) <= 0:
+        R.fail('need --n, --m >= 2 and a --grid of scales > 0')
+    R.check_writable(a.out + '.json')
+    device = R.setup_device(a.device, distributed=False)[0]
+    model, diff, cfg = R.load_checkpoint(a.ckpt, device, ema=True)
+    R.chain_kwargs(a, diff)   # checks --steps / --eta
+    if D.is_toy(cfg['dataset']):
+        real, held = D.sample_toy(cfg['dataset'], a.m, torch.Generator().manual_seed(a.seed + 1)), 'fresh true samples'
+    else:
+        real, held = real_examples(cfg, a.m, a.seed + 1, a.data_dir), 'training examples'
+    rows = []
+    for b in a.grid:
+        a.eps_scale = b
+        chain = R.chain_kwargs(a, diff)
+        x = R.generate(model, diff, a.n, tuple(cfg['data_shape']), a.chunk or a.n, a.seed, device, **chain)
+        rows.append(dict(eps_scale=b, d_mmd0=signed_sqrt(float(mmd2(x, real.to(x.device), 'gaussian', 'u')))))
+        print(f"eps scale {b:g}: D_MMD(0) {rows[-1]['d_mmd0']:.4g}", flush=True)
+    best = min(rows, key=lambda r: r['d_mmd0'])
+    metric = f'D_MMD(0), gaussian kernel, unbiased, n = {a.n} samples vs m = {a.m} {held}'
+    R.write_json(a.out + '.json', dict(ckpt=a.ckpt, sampler=a.sampler, steps=a.steps or diff.T, eta=a.eta,
+                                       eps_scale_k=a.eps_scale_k, metric=metric, grid=rows, best=best))
+    print(f"best eps scale for {a.sampler} with {a.steps or diff.T} steps: {best['eps_scale']:g} "
+          f"(D_MMD(0) {best['d_mmd0']:.4g}; metric: {metric}) -> {a.out}.json")
 
 
 # ---- fid: pytorch-fid's Inception against cached training-set statistics -----------------------
@@ -116,7 +187,7 @@ def run_fid(a):
             R.fail(f"{a.ckpt} models {cfg['dataset']} vectors; FID needs images (use `evaluate.py errprop`)")
         chain = R.chain_kwargs(a, diff)
         model = quant.for_sampling(model, diff, tuple(cfg['data_shape']), a.ckpt, a.quant,
-                                   a.quant_compensate, a.calib_traj, a.recalibrate, device)
+                                   a.quant_compensate, a.calib_traj, a.recalibrate, device, **chain)
     dataset = a.dataset or cfg.get('dataset')
     data_dir = a.data_dir or cfg.get('data_dir', 'data')
     image_size = a.image_size or cfg.get('image_size')
@@ -157,7 +228,7 @@ def run_quanterr(a):
         R.check_writable(path)
     device = R.setup_device(a.device, distributed=False)[0]
     model, diff, cfg = R.load_checkpoint(a.ckpt, device)
-    shape = tuple(cfg['data_shape'])
+    shape, chain = tuple(cfg['data_shape']), R.chain_kwargs(a, diff)
     if D.is_toy(cfg['dataset']):   # fresh draws of the known distribution
         x0 = D.sample_toy(cfg['dataset'], a.n, torch.Generator().manual_seed(a.seed + 1))
     else:
@@ -165,12 +236,14 @@ def run_quanterr(a):
     results = {}
     for spec in a.quant:
         c = quant.get_calibration(model, diff, shape, spec, a.ckpt, a.calib_traj, a.calib_batch,
-                                  a.recalibrate, device, a.fit)
-        r = results[spec] = quant.quanterr(model, diff, x0, spec, c, a.n, a.seed, device, batch_size=a.chunk)
+                                  a.recalibrate, device, a.fit, **chain)
+        r = results[spec] = quant.quanterr(model, diff, x0, spec, c, a.n, a.seed, device, batch_size=a.chunk,
+                                           **chain)
         m = r['mmd0']
         print(f"{spec}: traj RMS at t=0 Q={r['err_q'][-1]:.4g} Q+comp={r['err_qc'][-1]:.4g}; "
               f"D_MMD(0) FP={m['fp']:.4g} Q={m['q']:.4g} Q+comp={m['qc']:.4g}")
-    R.write_json(a.out + '.json', dict(ckpt=a.ckpt, n=a.n, seed=a.seed, fit=a.fit, results=results))
+    R.write_json(a.out + '.json', dict(ckpt=a.ckpt, n=a.n, seed=a.seed, fit=a.fit, **chain_settings(a, diff),
+                                       results=results))
     quant.plot_quanterr(results, a.out + '.png')
     print(f'wrote {a.out}.json and {a.out}.png')
 
@@ -184,8 +257,9 @@ def main(argv=None):
     e.add_argument('--labels', nargs='+', help='one per --ckpt (default: run folder names)')
     e.add_argument('--n', type=int, default=1000, help='backward samples N')
     e.add_argument('--m', type=int, default=1000, help='forward samples M of real data')
-    e.add_argument('--t-stride', type=int, default=1,
-                   help='chains of more than 100 steps: measure every k-th visited t (first and last always)')
+    e.add_argument('--t-stride', type=int,
+                   help='measure every k-th visited t (first and last always); default: every one for '
+                        'chains of up to 100 steps, every 10th beyond')
     e.add_argument('--kernels', nargs='+', default=['gaussian', 'laplace', 'imq'], choices=KERNELS)
     e.add_argument('--estimator', choices=('u', 'v'), default='u',
                    help='u: unbiased U-statistic; v: V-statistic of Eq. (10), floor O(1/N)')
@@ -208,6 +282,25 @@ def main(argv=None):
                    help='random Inception weights: pipeline check only, not a FID')
     f.set_defaults(run=run_fid, out='fid')
 
+    t = sub.add_parser('faulttol', help="Theorem 4.1 measured: does the chain amplify an error injected at t0?")
+    t.add_argument('--ckpt', nargs='+', required=True, help='run folders, ckpt.pt files or diffusers folders')
+    t.add_argument('--labels', nargs='+', help='one per --ckpt (default: run folder names)')
+    t.add_argument('--t0', type=int, nargs='+', required=True, help='chain indices where the error enters')
+    t.add_argument('--delta', type=float, default=0.1, help='RMS of the injected error')
+    t.add_argument('--mode', choices=('iso', 'model'), default='iso',
+                   help="iso: isotropic Gaussian; model: along the model's own eps (a mis-scaled eps)")
+    t.add_argument('--n', type=int, default=1000, help='pairs of chains')
+    t.add_argument('--kernels', nargs='+', default=['gaussian'], choices=KERNELS)
+    t.set_defaults(run=run_faulttol, out='faulttol')
+
+    s = sub.add_parser('es-search', help='epsilon scaling: the best factor on a grid for one step count')
+    s.add_argument('--ckpt', required=True, help='run folder, ckpt.pt, or diffusers DDPM folder')
+    s.add_argument('--grid', type=float, nargs='+', default=[1.0, 1.002, 1.005, 1.01, 1.02, 1.03, 1.05],
+                   help='eps scales B to try (lambda = B + K i with --eps-scale-k)')
+    s.add_argument('--n', type=int, default=1000, help='samples per scale')
+    s.add_argument('--m', type=int, default=1000, help='held-out real examples')
+    s.set_defaults(run=run_es_search, out='es_search')
+
     q = sub.add_parser('quanterr', help='trajectory error of W8A8 / W4A8 sampling, with and without '
                                         'timestep-aware compensation')
     q.add_argument('--ckpt', required=True, help='run folder, ckpt.pt, or diffusers DDPM folder')
@@ -219,15 +312,17 @@ def main(argv=None):
     q.add_argument('--recalibrate', action='store_true', help='ignore a stored quant_<spec>.pt')
     q.set_defaults(run=run_quanterr, out='quanterr')
 
-    for sp in (e, f, q):   # the same meaning in every subcommand
+    for sp in (e, f, t, s, q):   # the same meaning in every subcommand
         sp.add_argument('--seed', type=int, default=0)
         sp.add_argument('--data-dir', help="real data (default: the checkpoint's data dir)")
         sp.add_argument('--out', default=sp.get_default('out'), help='writes OUT.json (and OUT.png)')
         sp.add_argument('--device', default='auto')
         if sp is not f:
             sp.add_argument('--chunk', type=int, help='network batch size (memory only; results do not change)')
-    for sp in (e, f):   # errprop and fid measure any sampler, quantised models too
+    for sp in (e, f, t):   # any sampler, quantised models too
         R.add_sampling_args(sp)
+    R.add_sampling_args(s, quant=False)
+    R.add_sampling_args(q, quant=False)
     a = p.parse_args(argv)
     a.out = a.out[:-5] if a.out.endswith('.json') else a.out
     a.run(a)

@@ -1,6 +1,7 @@
 """Maximum mean discrepancy: kernels, estimators, the paper's consistency regulariser with
 TD-style bootstrapping (Sec. 5, Eq. 14-16, Algorithm 1) and the error-propagation curve D_MMD(t)
-(Sec. 4.2, Eq. 8-10, Fig. 1).
+(Sec. 4.2, Eq. 8-10, Fig. 1), with ADM-ES's exposure-bias measure delta_t alongside, and a direct
+test of Theorem 4.1 (fault_tolerance: two chains sharing their noise, one perturbed at t0).
 
 Kernels act on squared Euclidean distances between flattened samples. Their bandwidth comes from
 the pooled set {x} u {y} (median or mean pairwise squared distance), is detached from the graph
@@ -9,6 +10,8 @@ and recomputed for every call, i.e. at every t.
 import math
 
 import torch
+
+from diffusion import times
 
 KERNELS = ('gaussian', 'laplace', 'imq', 'multigauss')
 ESTIMATORS = ('v', 'u')   # V-statistic of Eq. (10) (diagonal included) / unbiased U-statistic
@@ -79,18 +82,10 @@ def _estimate(kxx, kyy, kxy, estimator):
     raise ValueError(f"estimator must be 'v' (Eq. 10) or 'u' (unbiased), got {estimator!r}")
 
 
-def mmd2_vstat(x, y, kernel='gaussian'):
-    """Eq. (10): (1/N^2) sum Kxx + (1/M^2) sum Kyy - (2/NM) sum Kxy. Biased, >= 0, floor O(1/N)."""
-    return _estimate(*kernel_matrices(x, y, kernel), 'v')
-
-
-def mmd2_unbiased(x, y, kernel='gaussian'):
-    """Unbiased U-statistic of MMD^2: the diagonals of Kxx and Kyy left out. Can be < 0."""
-    return _estimate(*kernel_matrices(x, y, kernel), 'u')
-
-
 def mmd2(x, y, kernel='gaussian', estimator='v'):
-    """MMD^2 with estimator 'v' (Eq. 10) or 'u' (unbiased)."""
+    """MMD^2 with estimator 'v' (Eq. 10: (1/N^2) sum Kxx + (1/M^2) sum Kyy - (2/NM) sum Kxy; biased,
+    >= 0, floor O(1/N)) or 'u' (the unbiased U-statistic: the diagonals of Kxx and Kyy left out;
+    can be < 0)."""
     return _estimate(*kernel_matrices(x, y, kernel), estimator)
 
 
@@ -122,8 +117,25 @@ def reg_weight(r, T, rho=0.003, schedule='exp', norm='mean1'):
     return float(math.exp(rho * (T - r)) / z)
 
 
+def reg_chain_times(T, r, k, reg_steps=None):
+    """(s, r_t): the chain indices where the bootstrapped chain starts and stops.
+
+    reg_steps None (the paper): r in 0..T-1 is a chain index, s = min(r + k, T), k ordinary steps.
+    reg_steps = S (an extension: the regulariser on a few-step chain): r in 0..S-1 is a *position*
+    on the S-step grid g = times(T, 0, S) counted from the bottom (g_0 = 0, g_S = T); the chain
+    starts at g_{min(r + k, S)} and takes min(k, S - r) respaced steps down to r_t = g_r. The caller
+    draws r uniformly in 0..S-1 (positions, not indices); S = T gives back the paper's chain.
+    """
+    if reg_steps is None:
+        return min(r + k, T), r
+    if not 0 <= r < reg_steps:
+        raise ValueError(f'with reg_steps={reg_steps}, r is a grid position in 0..{reg_steps - 1}, got {r}')
+    g = times(T, 0, reg_steps)[::-1]
+    return g[min(r + k, reg_steps)], g[r]
+
+
 def consistency_reg(model, diff, x0_a, x0_b, r, k, noise, grad='full', warm_start=True,
-                    kernel='multigauss', stat='mmd', estimator='v'):
+                    kernel='multigauss', stat='mmd', estimator='v', reg_steps=None):
     """L_r^reg with bootstrapping (Eq. 14-16, Algorithm 1) for one regularised step r.
 
     x0_a (n, ...): real samples that warm-start the chain; x0_b (m, ...): independent real samples
@@ -133,25 +145,27 @@ def consistency_reg(model, diff, x0_a, x0_b, r, k, noise, grad='full', warm_star
     grad: 'full' backpropagates through all k steps (paper and official code); 'last' only
     through the final step (cheaper). warm_start False: x~_s ~ N(0, I) (Table 2's ablation).
     stat: 'mmd' (Eq. 14 regularises D_MMD itself) or 'mmd2' (its square, as the released code).
-    Returns the scalar L_r^reg (before w_r and lambda_reg).
+    reg_steps S: the k steps are respaced steps of the S-step chain; r is then a grid position
+    (see reg_chain_times). Returns the scalar L_r^reg (before w_r and lambda_reg).
     """
+    if grad not in ('full', 'last'):
+        raise ValueError(f"reg grad must be 'full' or 'last', got {grad!r}")
     T = diff.T
-    s = min(r + k, T)
+    s, r_t = reg_chain_times(T, r, k, reg_steps)
+    if reg_steps is None:
+        ts = list(range(s, r_t - 1, -1))
+    else:
+        ts = [t for t in times(T, 0, reg_steps) if r_t <= t <= s]
     # Eq. (15): warm start from the forward process at step s (the possibly biased estimate)
     x = diff.q_sample(x0_a, s, noise(x0_a.shape)) if warm_start else noise(x0_a.shape)
-    # Eq. (16): s - r backward steps of the model
-    if grad == 'full':
-        for t in range(s, r, -1):
-            x = diff.p_step(model, x, t, noise(x.shape) if t > 1 else None)
-    elif grad == 'last':
+    # Eq. (16): the chain's backward steps s -> r_t ('last': all but the final one without grad)
+    if grad == 'last' and len(ts) > 2:
         with torch.no_grad():
-            for t in range(s, r + 1, -1):
-                x = diff.p_step(model, x, t, noise(x.shape))
-        x = diff.p_step(model, x.detach(), r + 1, noise(x.shape) if r + 1 > 1 else None)
-    else:
-        raise ValueError(f"reg grad must be 'full' or 'last', got {grad!r}")
+            x = diff.sample_chain(model, x, steps=ts[:-1], noise=noise)
+        ts = ts[-2:]
+    x = diff.sample_chain(model, x.detach() if grad == 'last' else x, steps=ts, noise=noise)
     # forward samples of q(x_r) from the other batch (at r = 0: the data themselves)
-    y = diff.q_sample(x0_b, r, noise(x0_b.shape)) if r > 0 else x0_b
+    y = diff.q_sample(x0_b, r_t, noise(x0_b.shape)) if r_t > 0 else x0_b
     if stat == 'mmd':
         return mmd(x, y, kernel, estimator)
     if stat == 'mmd2':
@@ -161,38 +175,137 @@ def consistency_reg(model, diff, x0_a, x0_b, r, k, noise, grad='full', warm_star
 
 # ---- the error-propagation curve D_MMD(t) (Sec. 4.2, Fig. 1) ---------------------------------
 
+def _measured(ts, t_stride):
+    """The visited indices to measure: every t_stride-th position counted from the bottom of the
+    chain, plus the first. t_stride None: all of them up to 100 steps, else every 10th."""
+    n = len(ts) - 1
+    t_stride = t_stride or (1 if n <= 100 else 10)
+    return {t for p, t in enumerate(ts[::-1]) if p % t_stride == 0 or p == n}
+
+
+def _mean_std(x):
+    """Mean over elements of the per-element std over the set (ADM-ES's statistic)."""
+    return x.flatten(1).float().std(0, unbiased=False).mean().item()
+
+
 @torch.no_grad()
 def errprop_curve(model, diff, x0_real, n=1000, kernels=('gaussian', 'laplace', 'imq'),
-                  estimator='u', t_stride=1, generator=None, batch_size=None, progress=None,
-                  device='cpu'):
-    """D_MMD(t) between the backward marginal p_theta(x_t) and the forward q(x_t), t = T..0.
+                  estimator='u', t_stride=None, generator=None, batch_size=None, progress=None,
+                  device='cpu', sampler='ddpm', steps=None, eta=0.0, eps_scale=None):
+    """D_MMD(t) between the backward marginal p_theta(x_t) and the forward q(x_t) at the indices
+    the chain visits (sampler / steps / eta / eps_scale as in Diffusion.sample_chain).
 
-    Runs the ancestral chain (Eq. 16) from n noise samples and, at every t_stride-th step (and at
-    t = T and t = 0), compares the n backward samples with M = len(x0_real) forward samples
-    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps drawn afresh (Eq. 1). Computed on the fly: only
-    the current state of the chain is kept. batch_size chunks the network calls (memory).
-    Returns {'t': [...], kernel: [value per t], ...} with MMD (not squared) values;
+    Runs the chain from n noise samples and, at every t_stride-th visited index (counted from
+    t = 0; always the first and the last; t_stride None: all up to 100 steps, else every 10th),
+    compares the n backward samples with M = len(x0_real) forward samples x_t = sqrt(abar_t) x_0 +
+    sqrt(1 - abar_t) eps drawn afresh (Eq. 1). Computed on the fly: only the current state of the
+    chain is kept. batch_size chunks the network calls (memory).
+    Returns {'t': [...], kernel: [value per t], 'delta', 'std', 'std_q'}: MMD values (not squared);
     with estimator 'u' a negative MMD^2 estimate is reported as -sqrt(|MMD^2|) so that the
     estimator's noise around 0 stays visible instead of being clipped.
+
+    delta_t: the exposure-bias measure of ADM-ES (Ning et al., ICLR 2024, Sec. 4, "metric for
+    exposure bias"): delta_t = (std_t - std_q_t)^2, the squared gap between the standard deviation
+    of the sampled x_t and that of the training-time x_t. As in their code (branch
+    x_t_distribution_*), a std is the per-element std over the samples, averaged over elements.
+    ADM-ES starts each chain from q(x_T | x_0) with a known x_0 and takes std_q = sqrt(1 - abar_t)
+    (the std of q(x_t | x_0)); the chain here starts from N(0, I) with no x_0 attached, so the
+    reference is the forward *marginal*: std_q_t = mean over elements of
+    sqrt(abar_t var(x_0) + 1 - abar_t), var(x_0) the per-element variance of x0_real. This draws
+    nothing from the generator, so the D_MMD values are those of the chain without it.
     """
     x0_real = x0_real.to(device)
-    out = {'t': [], **{k: [] for k in kernels}}
+    var0 = x0_real.flatten(1).float().var(0, unbiased=False)
+    out = {'t': [], **{k: [] for k in kernels}, 'delta': [], 'std': [], 'std_q': []}
     net = chunked(model, batch_size) if batch_size else model
+    ts = diff.times(diff.T, 0, steps)
+    keep = _measured(ts, t_stride)
 
     def measure(t, x):
-        if not (t % t_stride == 0 or t in (0, diff.T)):
+        if t not in keep:
             return
         eps = torch.randn(x0_real.shape, generator=generator, device=device)
         y = diff.q_sample(x0_real, t, eps) if t > 0 else x0_real
         out['t'].append(t)
         for k, v in mmd2_many(x, y, kernels, estimator).items():
-            v = v.item()
-            out[k].append(signed_sqrt(v))
+            out[k].append(signed_sqrt(v.item()))
+        a = diff.abar[t].item()
+        sd, sd_q = _mean_std(x), (a * var0 + 1 - a).sqrt().mean().item()
+        out['std'].append(sd)
+        out['std_q'].append(sd_q)
+        out['delta'].append((sd - sd_q) ** 2)
         if progress is not None:
             progress(t)
 
     x = torch.randn((n, *x0_real.shape[1:]), generator=generator, device=device)
-    diff.sample_chain(net, x, diff.T, 0, 'ddpm', generator=generator, callback=measure)
+    diff.sample_chain(net, x, diff.T, 0, sampler, steps, generator, measure, eta, eps_scale)
+    return out
+
+
+# ---- Theorem 4.1 tested directly: does the chain remove an error it receives? ------------------
+
+@torch.no_grad()
+def fault_tolerance(model, diff, x_T, t0, delta, mode='iso', sampler='ddpm', steps=None, eta=0.0,
+                    eps_scale=None, noise_seed=0, kernels=('gaussian',), batch_size=None,
+                    device='cpu'):
+    """Follow the gap between two chains that differ only by a perturbation injected at t0.
+
+    Both chains start from the same x_T (n, ...) and share the noise z of every step: they run as
+    one batch of 2n through sample_chain, with a noise callable that draws n and repeats it. When
+    the chain reaches the visited index t0, the second copy gets x_t0 + e with RMS(e) = delta:
+      'iso'  : e isotropic Gaussian (its own generator, seed noise_seed + 1);
+      'model': e along the model's own eps_theta(x_t0, t0) (per sample, scaled to RMS delta over
+               the batch). This is the direction of the error that epsilon scaling (ADM-ES)
+               corrects: a step run with eps / lambda instead of eps moves its output by
+               c_t (1 - 1 / lambda) eps_theta, so e is the state error of a mis-scaled eps.
+    At every visited t <= t0 it records gap(t) = RMS of (second - first), the amplification
+    A(t) = gap(t) / gap(t0) (Theorem 4.1: a chain that removes errors has A < 1), and D_MMD between
+    the perturbed and unperturbed sets (signed sqrt of the unbiased MMD^2, as errprop_curve).
+    Returns dict(t, gap, amp, mmd={kernel: [...]}, and the settings).
+    """
+    if delta < 0:
+        raise ValueError(f'delta is the RMS of the perturbation: must be >= 0, got {delta}')
+    if mode not in ('iso', 'model'):
+        raise ValueError(f"mode must be 'iso' or 'model', got {mode!r}")
+    ts = diff.times(diff.T, 0, steps)
+    if t0 not in ts or (mode == 'model' and t0 == 0):
+        raise ValueError(f't0={t0} is not visited by this chain; pick one of its indices '
+                         f'{ts[:3]} ... {ts[-3:]} (times(T, 0, steps={steps}); t0 >= 1 for mode "model")')
+    x_T = x_T.to(device)
+    n = len(x_T)
+    g = torch.Generator(device=device).manual_seed(noise_seed)
+    net = chunked(model, batch_size) if batch_size else model
+
+    def noise(shape):   # the same z for both copies
+        z = torch.randn((n, *shape[1:]), generator=g, device=device)
+        return torch.cat([z, z])
+
+    out = dict(t=[], gap=[], amp=[], mmd={k: [] for k in kernels}, t0=t0, delta=delta, mode=mode,
+               sampler=sampler, steps=steps, eta=eta, n=n)
+
+    def step(t, x):
+        if t > t0:
+            return None
+        a, b = x[:n], x[n:]
+        if t == t0:
+            if mode == 'iso':
+                gi = torch.Generator(device=device).manual_seed(noise_seed + 1)
+                e = torch.randn(a.shape, generator=gi, device=device)
+            else:   # (a scale lambda would not change the direction)
+                e = diff.eps(net, a, t)
+            e = e * (delta / e.float().pow(2).mean().sqrt().clamp(min=1e-30))
+            b = a + e
+            x = torch.cat([a, b])
+        gap = (b - a).float().pow(2).mean().sqrt().item()
+        out['t'].append(t)
+        out['gap'].append(gap)
+        out['amp'].append(gap / out['gap'][0] if out['gap'][0] > 0 else float('nan'))
+        for k, v in mmd2_many(a, b, kernels, 'u').items():
+            out['mmd'][k].append(signed_sqrt(v.item()))
+        return x
+
+    x = torch.cat([x_T, x_T])
+    diff.sample_chain(net, x, diff.T, 0, sampler, steps, noise, step, eta, eps_scale)
     return out
 
 

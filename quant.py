@@ -5,8 +5,8 @@ channel; their INPUT activations per tensor, with a scale frozen from an offline
 step of the quantised chain adds an error eps_q(x_t) - eps(x_t) that the backward chain (Eq. 16)
 carries on to x_0. The compensation is a per-(t, channel) map calibrated offline on full-precision
 trajectories, where both nets see the same x_t: by default (fit='affine') the least-squares
-eps ~ a_{t,c} eps_q + b_{t,c}; fit='bias' only subtracts the mean error E[eps_q(x_t) - eps(x_t)].
-On the 8gaussians toy the affine map removes about twice as much trajectory error as the bias.
+eps ~ a_{t,c} eps_q + b_{t,c}; fit='bias' only subtracts the mean error E[eps_q(x_t) - eps(x_t)]
+(README.md measures both).
 
     python evaluate.py quanterr --ckpt out/8gaussians --quant w8a8 w4a8
 """
@@ -23,7 +23,6 @@ from mmd import chunked, mmd2, signed_sqrt
 
 SPECS = ('w8a8', 'w4a8')
 FITS = ('affine', 'bias')
-CALIB_SEED = 999_983   # calibration noise = Generator(CALIB_SEED + seed): never an evaluation chain's noise
 
 
 def parse_spec(spec):
@@ -134,19 +133,21 @@ def fit_correction(stats, fit='affine'):
     'bias': b = mean(eps_q - eps), (T, C), subtracted. 'affine': least squares eps ~ a eps_q + b,
     (T, C, 2) = (a, b); it also undoes the part of the error that scales with eps_q."""
     sq, sf, sqq, sqf, n = stats.double().unbind(-1)
-    if fit == 'bias':
-        return ((sq - sf) / n).float()
+    if fit == 'bias':   # timesteps the chain never visited (n = 0): no correction
+        return torch.where(n > 0, (sq - sf) / n.clamp(min=1), torch.zeros_like(sq)).float()
     var = sqq / n - (sq / n) ** 2
     a = torch.where(var > 1e-12, (sqf / n - sq * sf / n ** 2) / var.clamp(min=1e-12), torch.ones_like(var))
-    return torch.stack([a, sf / n - a * sq / n], -1).float()
+    a = torch.where(n > 0, a, torch.ones_like(a))   # timesteps the chain never visited: identity
+    return torch.stack([a, torch.where(n > 0, sf / n - a * sq / n, torch.zeros_like(a))], -1).float()
 
 
 @torch.no_grad()
-def calibrate(model, diff, shape, spec, n_traj=None, batch=None, seed=0, device='cpu', fit='affine'):
-    """Activation ranges and the per-(t, channel) correction from n_traj full-precision ancestral
-    chains of `batch` samples from fixed noise (defaults: 4 x 64 for vectors, 2 x 16 for images).
-    At every t both nets see the FP state x_t. Returns {'spec', 'act_scales', 'correction', 'stats',
-    'fit', ...}: all that build_quantized needs."""
+def calibrate(model, diff, shape, spec, n_traj=None, batch=None, seed=0, device='cpu', fit='affine', **chain):
+    """Activation ranges and the per-(t, channel) correction from n_traj full-precision chains of
+    `batch` samples from fixed noise (defaults: 4 x 64 for vectors, 2 x 16 for images), on the chain
+    that sampling will use (`chain`: sample_chain's sampler, steps, eta, eps_scale). At every visited
+    t both nets see the FP state x_t. Returns {'spec', 'act_scales', 'correction', 'stats', 'fit',
+    'chain', ...}: all that build_quantized needs."""
     if fit not in FITS:
         raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     image = len(shape) == 3
@@ -159,9 +160,9 @@ def calibrate(model, diff, shape, spec, n_traj=None, batch=None, seed=0, device=
             e = model(x, t)
             probe(x, t, e)
             return e
-        g = torch.Generator(device).manual_seed(CALIB_SEED + seed)
+        g = R.rng(seed, 'calibration', device=device)   # never an evaluation chain's noise
         for _ in range(n_traj):
-            diff.sample_chain(net, torch.randn((batch, *shape), generator=g, device=device), generator=g)
+            diff.sample_chain(net, torch.randn((batch, *shape), generator=g, device=device), noise=g, **chain)
 
     qmodel = quantize_model(model, spec, lambda q: trajectories(lambda x, t, e: q(x, t)))
     stats = torch.zeros(diff.T, shape[0], 5, dtype=torch.float64, device=device)
@@ -171,7 +172,15 @@ def calibrate(model, diff, shape, spec, n_traj=None, batch=None, seed=0, device=
     trajectories(record)
     return dict(spec=spec, act_scales=act_scales(qmodel), stats=stats.cpu(), fit=fit,
                 correction=fit_correction(stats, fit).cpu(), n_traj=n_traj, batch=batch, seed=seed,
-                T=diff.T, shape=list(shape), fingerprint=weights_fingerprint(model))
+                T=diff.T, shape=list(shape), fingerprint=weights_fingerprint(model), chain=chain_key(chain))
+
+
+def chain_key(chain):
+    """The chain settings a calibration was made on, comparable across runs (no tensors)."""
+    c = {'sampler': 'ddpm', 'steps': None, 'eta': 0.0, **chain}
+    lam = c.pop('eps_scale', None)
+    c['eps_scale'] = None if lam is None else [round(float(v), 9) for v in lam[1:]]
+    return c
 
 
 def build_quantized(model, calib, compensate=False):
@@ -205,21 +214,21 @@ def calibration_path(ckpt_path, spec):
 
 
 def get_calibration(model, diff, shape, spec, ckpt_path, n_traj=None, batch=None, recalibrate=False,
-                    device='cpu', fit='affine'):
-    """The stored calibration beside the checkpoint if it was made for these weights and settings
-    (a different fit is refitted from the stored sums), else a new one, saved there."""
+                    device='cpu', fit='affine', **chain):
+    """The stored calibration beside the checkpoint if it was made for these weights, settings and
+    chain (a different fit is refitted from the stored sums), else a new one, saved there."""
     path = calibration_path(ckpt_path, spec)
     if os.path.isfile(path) and not recalibrate:
         c = load_calibration(path)
         if (c['T'] == diff.T and c['shape'] == list(shape) and n_traj in (None, c['n_traj'])
-                and batch in (None, c['batch'])
+                and batch in (None, c['batch']) and c.get('chain') == chain_key(chain)
                 and math.isclose(c['fingerprint'], weights_fingerprint(model), rel_tol=1e-9)):
             if c['fit'] != fit:
                 c.update(fit=fit, correction=fit_correction(c['stats'], fit))
             return c
         print(f'{path} was made for other weights or settings: recalibrating')
     print(f'calibrating {spec} ...', flush=True)
-    c = calibrate(model, diff, shape, spec, n_traj, batch, 0, device, fit)
+    c = calibrate(model, diff, shape, spec, n_traj, batch, 0, device, fit, **chain)
     try:
         save_calibration(path, c)
     except OSError as e:   # a read-only checkpoint folder: go on without storing
@@ -229,46 +238,51 @@ def get_calibration(model, diff, shape, spec, ckpt_path, n_traj=None, batch=None
 
 @torch.no_grad()
 def quanterr(model, diff, x0_real, spec, calib=None, n=256, seed=0, device='cpu', kernels=('gaussian',),
-             estimator='u', batch_size=None):
-    """FP, quantised (Q) and compensated (Q+comp) ancestral chains in lockstep from the same x_T and the
-    same noise z_t (drawn as sample_chain does, so the FP chain equals diff.sample). Records at every t
+             estimator='u', batch_size=None, **chain):
+    """FP, quantised (Q) and compensated (Q+comp) chains in lockstep from the same x_T and the same
+    noise z_t: one batch of 3n through sample_chain, each third through its own network, the noise
+    of n drawn once and repeated (so the FP third equals diff.sample). Records at every visited t
     the RMS distance of Q and Q+comp to FP, and D_MMD(0) of each against x0_real (signed sqrt of the
     unbiased MMD^2, as errprop_curve). Returns {'t', 'err_q', 'err_qc', 'mmd0', 'mmd0_kernels'}."""
-    calib = calib or calibrate(model, diff, tuple(x0_real.shape[1:]), spec, seed=seed, device=device)
+    shape = tuple(x0_real.shape[1:])
+    calib = calib or calibrate(model, diff, shape, spec, seed=seed, device=device, **chain)
     if calib['spec'] != spec:
         raise ValueError(f"calibration is for {calib['spec']}, not {spec}")
     q = build_quantized(model, calib)
     nets = [model.eval(), q, CompensatedModel(q, calib['correction'].to(device))]
     nets = [chunked(m, batch_size) if batch_size else m for m in nets]
+
+    def three(x, t):
+        return torch.cat([m(xi, ti) for m, xi, ti in zip(nets, x.chunk(3), t.chunk(3))])
     g = torch.Generator(device).manual_seed(seed)
-    x = torch.randn((n, *x0_real.shape[1:]), generator=g, device=device)
-    xs = [x, x.clone(), x.clone()]
-    out = {'spec': spec, 't': [diff.T], 'err_q': [0.0], 'err_qc': [0.0]}
-    for t in range(diff.T, 0, -1):
-        z = torch.randn(x.shape, generator=g, device=device, dtype=x.dtype) if t > 1 else None
-        xs = [diff.p_step(m, xi, t, z) for m, xi in zip(nets, xs)]
-        out['t'].append(t - 1)
-        out['err_q'].append((xs[1] - xs[0]).pow(2).mean().sqrt().item())
-        out['err_qc'].append((xs[2] - xs[0]).pow(2).mean().sqrt().item())
+    x = torch.randn((n, *shape), generator=g, device=device)
+    out = {'spec': spec, 't': [], 'err_q': [], 'err_qc': []}
+
+    def record(t, x):
+        fp, xq, xqc = x.chunk(3)
+        out['t'].append(t)
+        out['err_q'].append((xq - fp).pow(2).mean().sqrt().item())
+        out['err_qc'].append((xqc - fp).pow(2).mean().sqrt().item())
+    noise = lambda sh: torch.randn((sh[0] // 3, *sh[1:]), generator=g, device=device).repeat(   # noqa: E731
+        3, *[1] * len(shape))
+    xs = diff.sample_chain(three, x.repeat(3, *[1] * len(shape)), noise=noise, callback=record, **chain).chunk(3)
     real = x0_real.to(device)
-    out['mmd0_kernels'] = {k: {} for k in kernels}
-    for k in kernels:
-        for name, xi in zip(('fp', 'q', 'qc'), xs):
-            v = mmd2(xi, real, k, estimator).item()
-            out['mmd0_kernels'][k][name] = signed_sqrt(v)
+    out['mmd0_kernels'] = {k: {name: signed_sqrt(mmd2(xi, real, k, estimator).item())
+                               for name, xi in zip(('fp', 'q', 'qc'), xs)} for k in kernels}
     out['mmd0'] = out['mmd0_kernels'][kernels[0]]
     return out
 
 
 def for_sampling(model, diff, shape, ckpt_path, spec='none', compensate=False, n_traj=None,
-                 recalibrate=False, device='cpu'):
+                 recalibrate=False, device='cpu', **chain):
     """The network to sample with (sample.py, evaluate.py --quant): `model` itself for spec 'none',
     else its fake-quantised (and with `compensate`, corrected) copy from the stored calibration."""
     if spec == 'none':
         if compensate:
             raise ValueError('--quant-compensate needs --quant w8a8 or w4a8')
         return model
-    c = get_calibration(model, diff, shape, spec, ckpt_path, n_traj, recalibrate=recalibrate, device=device)
+    c = get_calibration(model, diff, shape, spec, ckpt_path, n_traj, recalibrate=recalibrate, device=device,
+                        **chain)
     return build_quantized(model, c, compensate)
 
 

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 import data as D  # noqa: E402
 import runtime as R  # noqa: E402
+from diffusion import eps_scale_schedule  # noqa: E402
 from mmd import errprop_curve, mmd2, signed_sqrt  # noqa: E402
 import report  # noqa: E402
 from report import (ABLATIONS, EVAL_SEED, FRESH_SEED, KERNELS, MAIN, OUT, RES, ROOT, SAMPLE_SEED,  # noqa: E402
@@ -82,6 +83,8 @@ def job_list(a):
             if v == 'vanilla' and a.mnist_n_full:   # seed 0's curve again, at the paper's N = M
                 run('mnist', f'vanilla_N{a.mnist_n_full}', 0, mnist_flags(a), a.mnist_max_steps, deps=['mnist_vanilla_s0'],
                     extra=dict(ev, n_eval=a.mnist_n_full, eval_of='mnist_vanilla_s0'))
+    if a.long_steps and 0 in a.long_seeds:   # error against the number of sampling steps, +- eps scaling
+        jobs.append(dict(name='fewstep_8gaussians', kind='fewstep', deps=[f'8gaussians_vanilla_S{a.long_steps}_s0']))
     spread = [f'8gaussians_{v}_s0' for v in ('vanilla', 'ip', 'sa', 'reg', 'reg_eqtime') if 0 in seeds]
     if spread:   # what explains the numbers: the regulariser's gradient, the samples' spread
         jobs.append(dict(name='diagnostics', kind='diagnostics', deps=spread))
@@ -201,6 +204,42 @@ def job_diagnostics(a, job):
     R.write_json(result_path(job['name']), out)
 
 
+FEWSTEP_S = (10, 20, 50, 100, 1000)
+
+
+@torch.no_grad()
+def job_fewstep(a, job):
+    """Final error against the number of sampling steps S, for the respaced ancestral chain and
+    DDIM, with and without epsilon scaling: for each S, `python evaluate.py es-search` picks the
+    scale on fresh true samples (seed 1); the error is then the MMD of --n-true samples against
+    2000 OTHER fresh samples (FRESH_SEED, as mmd_true everywhere), so choice and score never share
+    data."""
+    run = os.path.join(OUT, job['deps'][0])
+    model, diff, cfg = R.load_checkpoint(run)
+    fresh = D.sample_toy(cfg['dataset'], 2000, torch.Generator().manual_seed(FRESH_SEED))
+    rows = []
+    for sampler in ('ddpm', 'ddim'):
+        for S in FEWSTEP_S:
+            tmp = result_path(job['name']) + f'.{sampler}{S}'
+            subprocess.run([sys.executable, os.path.join(ROOT, 'evaluate.py'), 'es-search', '--ckpt', run,
+                            '--sampler', sampler, '--steps', str(S), '--n', '1000', '--m', '1000', '--seed', '0',
+                            '--device', 'cpu', '--out', tmp], check=True)
+            best = read_json(tmp + '.json')['best']['eps_scale']
+            os.remove(tmp + '.json')
+            err = {}
+            for name, b in (('plain', 1.0), ('eps_scaled', best)):
+                lam = None if b == 1.0 else eps_scale_schedule(diff.T, b, 0.0, S)
+                x = diff.sample(model, (a.n_true, *cfg['data_shape']), sampler=sampler, steps=S, eps_scale=lam,
+                                generator=torch.Generator().manual_seed(SAMPLE_SEED))
+                err[name] = signed_sqrt(float(mmd2(x, fresh, 'gaussian', 'u')))
+            rows.append(dict(sampler=sampler, steps=S, best_eps_scale=best, **err))
+            print(rows[-1], flush=True)
+    R.write_json(result_path(job['name']), dict(
+        run=job['deps'][0], rows=rows, metric=f'MMD (gaussian, unbiased, signed sqrt) of {a.n_true} samples vs '
+        f'2000 fresh true samples (seed {FRESH_SEED}); eps scale chosen by evaluate.py es-search on 1000 '
+        'other fresh samples, grid 1 .. 1.05'))
+
+
 class Waiter:
     """Popen-like handle of a job that another (earlier) scheduler started."""
     def __init__(self, name, alive):
@@ -291,17 +330,20 @@ def main():
     p.add_argument('--mnist-variants', nargs='+', default=['vanilla', 'reg', 'reg_eqtime', 'ip', 'sa'],
                    choices=['vanilla', 'reg', 'reg_eqtime', 'ip', 'sa'])
     p.add_argument('--report', action='store_true', help='only aggregate and plot what exists')
+    p.add_argument('--force-report', action='store_true',
+                   help='rewrite summary and tables even when results/runs/ holds fewer runs than they list')
     p.add_argument('--job', help=argparse.SUPPRESS)
     a = p.parse_args()
     if len(a.seeds) < 1 or a.max_steps < 5 or a.t_stride < 1 or a.n < 2 or a.n_true < 2:
         R.fail('need --seeds, --max-steps >= 5, --t-stride >= 1, --n and --n-true >= 2')
-    a.passthrough = [x for x in sys.argv[1:] if x != '--report']
+    a.passthrough = [x for x in sys.argv[1:] if x not in ('--report', '--force-report')]
     if a.job:
         a.only = None   # the child must find its job in the full list
         job = next((j for j in job_list(a) if j['name'] == a.job), None)
         if job is None:
             R.fail(f'no job {a.job}')
-        dict(timing=job_timing, diagnostics=job_diagnostics, run=lambda a, j: job_run(j, a))[job['kind']](a, job)
+        dict(timing=job_timing, diagnostics=job_diagnostics, fewstep=job_fewstep,
+             run=lambda a, j: job_run(j, a))[job['kind']](a, job)
         return
     if not a.report:
         schedule(a)

@@ -37,6 +37,7 @@ CONFIG = dict(
     seed=0, device='auto', dtype='fp32', compile=False,
     out_dir=None, resume=False, init_from=None,
     log_every=None, sample_every=None, save_every=None, n_preview=None,
+    preview_steps=None,                       # previews: respaced ancestral chain of S steps (None: T)
 )
 TOY_PRESET = dict(model='mlp', batch_size=256, lr=1e-3, warmup=200, ema_decay=0.995,
                   max_steps=10000, log_every=1000, sample_every=0, save_every=5000, n_preview=2000)
@@ -52,7 +53,7 @@ PRESETS = {   # per data set: what the command line leaves open
     'folder': dict(DDPM_PRESET, model='small'),
 }
 # the CPU-sized MNIST of reproduce.py (RESULTS.md): real digits at 14x14, the 'tiny' U-Net, batch 64
-# (one step ~0.36 s on one CPU thread; 28x28 would cost ~1.2 s); reproduce.py adds --lr and --data-dir
+# (a step costs about a third of a 28x28 step); reproduce.py adds --lr and --data-dir
 MNIST14_FLAGS = ['--model', 'tiny', '--image-size', '14', '--batch-size', '64', '--warmup', '200',
                  '--ema-decay', '0.995']
 CHOICES = dict(dataset=D.DATASETS, sigma=('beta', 'posterior'), loss=('eps', 'ip', 'sa'),
@@ -62,10 +63,10 @@ CHOICES = dict(dataset=D.DATASETS, sigma=('beta', 'posterior'), loss=('eps', 'ip
 NONE_TYPES = dict(image_size=int, model=str, dropout=float, beta_1=float, beta_T=float, reg_rho=float,
                   reg_steps=int, synthetic=str, batch_size=int, lr=float, warmup=int, ema_decay=float,
                   max_steps=int, out_dir=str, init_from=str, log_every=int, sample_every=int,
-                  save_every=int, n_preview=int)
+                  save_every=int, n_preview=int, preview_steps=int)
 # what a resumed run may change; everything else defines the run and is refused
-RESUMABLE = {'max_steps', 'log_every', 'save_every', 'sample_every', 'n_preview', 'device', 'dtype',
-             'compile', 'data_dir', 'out_dir', 'resume', 'lr', 'grad_clip'}
+RESUMABLE = {'max_steps', 'log_every', 'save_every', 'sample_every', 'n_preview', 'preview_steps', 'device',
+             'dtype', 'compile', 'data_dir', 'out_dir', 'resume', 'lr', 'grad_clip'}
 
 
 def parse_config(argv=None):
@@ -109,6 +110,8 @@ def check_config(cfg):
             fail(f'--{k.replace("_", "-")} must be >= 1, got {cfg[k]}')
     if cfg['sample_every'] < 0:
         fail('--sample-every must be >= 0 (0: a preview only at the end)')
+    if cfg.get('preview_steps') is not None and not 1 <= cfg['preview_steps'] <= cfg['T']:
+        fail(f"--preview-steps must be in 1..T={cfg['T']}")
     if not 0 < cfg['beta_1'] <= cfg['beta_T'] < 1:
         fail(f"need 0 < --beta-1 <= --beta-T < 1, got {cfg['beta_1']:g}, {cfg['beta_T']:g}")
     if not 0 < cfg['fresh_frac'] <= 1:
@@ -369,8 +372,9 @@ def add_sampling_args(p, quant=True):
     p.add_argument('--steps', type=int, help='sampling steps S (default: every step of the T-step chain)')
     p.add_argument('--eta', type=float, default=0.0, help='DDIM noise: 0 deterministic, 1 DDPM-like')
     p.add_argument('--eps-scale', type=float, default=1.0,
-                   help='epsilon scaling (ADM-ES): divide eps by lambda_t = B + K t (1: off)')
-    p.add_argument('--eps-scale-k', type=float, default=0.0, help='K of the linear-in-t eps scaling')
+                   help='epsilon scaling (ADM-ES): divide eps by lambda = B + K i, i the step\'s position '
+                        'on the S-step grid from the bottom (1: off)')
+    p.add_argument('--eps-scale-k', type=float, default=0.0, help='K of the linear eps-scaling schedule')
     if quant:
         p.add_argument('--quant', default='none', choices=('none', 'w8a8', 'w4a8'),
                        help='fake-quantised sampling (seed 002)')
@@ -383,18 +387,15 @@ def add_sampling_args(p, quant=True):
 def chain_kwargs(a, diff):
     """Diffusion.sample_chain's sampler settings from add_sampling_args' flags, checked now,
     before anything long starts."""
+    from diffusion import eps_scale_schedule
     if a.steps is not None and not 1 <= a.steps <= diff.T:
         fail(f'--steps must be in 1..T={diff.T}, got {a.steps}')
     if a.eta < 0 or (a.eta and a.sampler != 'ddim'):
         fail('--eta must be >= 0 and goes with --sampler ddim')
-    kw = dict(sampler=a.sampler, steps=a.steps)
-    if a.eta:
-        kw['eta'] = a.eta
+    kw = dict(sampler=a.sampler, steps=a.steps, eta=a.eta)
     if a.eps_scale != 1.0 or a.eps_scale_k:
-        from diffusion import eps_scale_schedule
-        lam = eps_scale_schedule(diff.T, a.eps_scale, a.eps_scale_k)
-        if not (lam[1:] > 0).all():
-            fail(f'--eps-scale {a.eps_scale:g} --eps-scale-k {a.eps_scale_k:g} give lambda_t <= 0: '
-                 f'lambda_t must stay positive')
-        kw['eps_scale'] = lam.to(diff.device)
+        try:
+            kw['eps_scale'] = eps_scale_schedule(diff.T, a.eps_scale, a.eps_scale_k, a.steps).to(diff.device)
+        except ValueError as e:
+            fail(f'--eps-scale {a.eps_scale:g} --eps-scale-k {a.eps_scale_k:g}: {e}')
     return kw

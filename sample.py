@@ -54,7 +54,7 @@ def main(argv=None):
         R.fail(f"--png-dir needs images; {a.ckpt} models {cfg['dataset']} vectors: use --npz or --grid")
     chain = R.chain_kwargs(a, diff)
     model = quant.for_sampling(model, diff, shape, a.ckpt, a.quant, a.quant_compensate,
-                               a.calib_traj, a.recalibrate, device)   # --quant w8a8 | w4a8
+                               a.calib_traj, a.recalibrate, device, **chain)   # --quant w8a8 | w4a8
     lo, hi = R.shard(a.n, rank, world)   # rank r draws samples [lo, hi) with its own seed
     x = R.generate(model, diff, hi - lo, shape, a.sample_batch, R.seed_of(a.seed, 'sample', rank), device,
                    progress=rank == 0, **chain)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 import data as D
 import runtime as R
-from mmd import consistency_reg, reg_weight
+from mmd import consistency_reg, reg_chain_times, reg_weight
 from model import build_model, set_dropout_shard
 
 
@@ -117,16 +117,20 @@ def compute_loss(model, diff, x0, cfg, step, rank=0, world=1, fixed_k=None):
     if not cfg['reg']:
         return nll, stats
     # the regulariser (Sec. 5): one r and one k for the rank's batch, drawn on the CPU (no sync)
+    # (--reg-steps S: r is a position on the S-step sampling grid, the chain takes respaced steps)
     gc, gr = R.rng(cfg['seed'], 'reg', step, rank), R.rng(cfg['seed'], 'reg', step, rank, device=dev)
-    r = int(torch.randint(0, diff.T, (1,), generator=gc))               # r ~ U{0..T-1}
+    S = cfg.get('reg_steps')
+    r = int(torch.randint(0, S or diff.T, (1,), generator=gc))          # r ~ U{0..T-1}
     k = fixed_k or int(torch.randint(1, cfg['reg_L'] + 1, (1,), generator=gc))   # k ~ U{1..L}
     half = b // 2
     reg = consistency_reg(model, diff, x0[:half], x0[half:2 * half], r, k,
                           lambda shape: torch.randn(shape, generator=gr, device=dev),
-                          cfg['reg_grad'], cfg['warm_start'], cfg['reg_kernel'], cfg['reg_stat'])
-    w = reg_weight(r, diff.T, cfg['reg_rho'], cfg['reg_weight'], cfg['reg_norm'])   # Eq. (14)
+                          cfg['reg_grad'], cfg['warm_start'], cfg['reg_kernel'], cfg['reg_stat'],
+                          reg_steps=S)
+    r_t = reg_chain_times(diff.T, r, k, S)[1]   # the chain index where x~_r and q(x_r) meet
+    w = reg_weight(r_t, diff.T, cfg['reg_rho'], cfg['reg_weight'], cfg['reg_norm'])   # Eq. (14)
     loss = cfg['lambda_nll'] * nll + cfg['lambda_reg'] * w * reg
-    stats.update(loss_reg=reg.detach(), r=r, k=k, w=w)
+    stats.update(loss_reg=reg.detach(), r=r_t, k=k, w=w)
     return loss, stats
 
 
@@ -289,7 +293,8 @@ def main(argv=None):
             saved_step = step
         if master and previews:
             g = torch.Generator(device).manual_seed(cfg['seed'])   # fp32: no bf16 drift in the chain
-            s = diff.sample(ema, (cfg['n_preview'], *shape), generator=g, device=device)
+            s = diff.sample(ema, (cfg['n_preview'], *shape), steps=cfg.get('preview_steps'), generator=g,
+                            device=device)
             R.save_preview(s, D.to_model_space(data[:cfg['n_preview']]), os.path.join(out, f'samples_{step:07d}.png'))
     if master:
         log.close()

@@ -188,3 +188,46 @@ def test_fid_cli_samples_and_cached_ref_stats(tmp_path, capsys):
         ev.main(common[:-1] + [str(tmp_path / 'none.npz'), '--samples', npz])
     with pytest.raises(SystemExit, match='exactly one'):
         ev.main(['fid'])
+
+
+# ---- few-step chains: faulttol and es-search through the command line ---------------------------
+
+def test_errprop_on_a_respaced_chain_records_the_chain(toy_runs, tmp_path):
+    good, _ = toy_runs
+    ev.main(['errprop', '--ckpt', good, '--n', '64', '--m', '64', '--steps', '10', '--eps-scale', '1.01',
+             '--kernels', 'gaussian', '--out', str(tmp_path / 'e'), '--device', 'cpu'])
+    r = json.load(open(tmp_path / 'e.json'))['runs'][0]
+    assert r['t'] == [100, 90, 80, 70, 60, 50, 40, 30, 20, 10, 0]   # every visited t of a 10-step chain
+    assert (r['sampler'], r['steps'], r['eps_scale']) == ('ddpm', 10, 1.01)
+    assert len(r['delta']) == len(r['t']) and all(np.isfinite(r['delta']))
+
+
+def test_faulttol_and_es_search_cli(toy_runs, tmp_path, capsys):
+    good, _ = toy_runs
+    ev.main(['faulttol', '--ckpt', good, '--steps', '20', '--t0', '50', '20', '--delta', '0.1', '--n', '64',
+             '--out', str(tmp_path / 'f'), '--device', 'cpu'])
+    runs = json.load(open(tmp_path / 'f.json'))['runs']
+    assert [r['label'] for r in runs] == ['good, t0=50', 'good, t0=20']
+    for r, t0 in zip(runs, (50, 20)):
+        assert r['t'][0] == t0 and r['t'][-1] == 0 and r['amp'][0] == pytest.approx(1.0)
+        assert r['gap'][0] == pytest.approx(0.1, rel=1e-4) and all(np.isfinite(r['amp']))
+    assert (tmp_path / 'f.png').stat().st_size > 1000
+    ev.main(['es-search', '--ckpt', good, '--steps', '10', '--grid', '1', '1.05', '--n', '64', '--m', '64',
+             '--out', str(tmp_path / 's'), '--device', 'cpu'])
+    res = json.load(open(tmp_path / 's.json'))
+    assert [g['eps_scale'] for g in res['grid']] == [1.0, 1.05] and res['best'] in res['grid']
+    assert 'fresh true samples' in res['metric'] and 'best eps scale' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('args,word', [
+    (['errprop', '--steps', '101'], '--steps'), (['errprop', '--steps', '0'], '--steps'),
+    (['errprop', '--sampler', 'ddim', '--eta', '-0.5'], '--eta'), (['errprop', '--eps-scale', '0'], 'eps'),
+    (['faulttol', '--steps', '20', '--t0', '7'], '--t0'), (['faulttol', '--t0', '50', '--delta', '-1'], '--delta'),
+    (['es-search', '--grid', '0.9', '-1'], '--grid')])
+def test_few_step_bad_input_one_line(toy_runs, tmp_path, args, word):
+    good, _ = toy_runs
+    with pytest.raises(SystemExit) as e:
+        ev.main(args[:1] + ['--ckpt', good, '--out', str(tmp_path / 'x'), '--device', 'cpu'] + args[1:])
+    msg = str(e.value)
+    assert msg.startswith('error:') and '\n' not in msg and word in msg, msg
+    assert os.listdir(tmp_path) == []

@@ -9,7 +9,7 @@ import torch
 
 from diffusion import Diffusion
 from mmd import (KERNELS, chunked, consistency_reg, errprop_curve, kernel_matrices, mmd, mmd2,
-                 mmd2_unbiased, mmd2_vstat, reg_weight)
+                 reg_weight)
 from model import build_model
 
 
@@ -55,8 +55,6 @@ def test_estimators_against_brute_force(kernel):
         x = torch.randn(7, 3, generator=g)
         y = 0.8 * torch.randn(9, 3, generator=g) + 0.5 * trial
         v, u = brute_mmd2(x, y, kernel, False), brute_mmd2(x, y, kernel, True)
-        assert mmd2_vstat(x, y, kernel).item() == pytest.approx(v, rel=1e-4, abs=1e-6)
-        assert mmd2_unbiased(x, y, kernel).item() == pytest.approx(u, rel=1e-4, abs=1e-6)
         assert mmd2(x, y, kernel, 'v').item() == pytest.approx(v, rel=1e-4, abs=1e-6)
         assert mmd2(x, y, kernel, 'u').item() == pytest.approx(u, rel=1e-4, abs=1e-6)
         assert mmd(x, y, kernel).item() == pytest.approx(math.sqrt(v), rel=1e-4)
@@ -69,7 +67,7 @@ def test_kernel_matrices_images_flattened_and_errors():
     kxx, kyy, kxy = kernel_matrices(x, y, 'gaussian')
     assert kxx.shape == (4, 4) and kyy.shape == (5, 5) and kxy.shape == (4, 5)
     assert torch.equal(kxx.diagonal(), torch.ones(4))     # exact zero distance on the diagonal
-    assert mmd2_vstat(x, y).item() == pytest.approx(brute_mmd2(x, y, 'gaussian', False), rel=1e-4)
+    assert mmd2(x, y).item() == pytest.approx(brute_mmd2(x, y, 'gaussian', False), rel=1e-4)
     with pytest.raises(ValueError, match='kernel'):
         kernel_matrices(x, y, 'rbf')
     with pytest.raises(ValueError, match='estimator'):
@@ -82,9 +80,9 @@ def test_unbiased_centred_vstat_floor(kernel):
     u_same, v_same, u_shift = [], [], []
     for _ in range(200):
         x, y = torch.randn(50, 2, generator=g), torch.randn(50, 2, generator=g)
-        u_same.append(mmd2_unbiased(x, y, kernel).item())
-        v_same.append(mmd2_vstat(x, y, kernel).item())
-        u_shift.append(mmd2_unbiased(x, y + 1.0, kernel).item())
+        u_same.append(mmd2(x, y, kernel, 'u').item())
+        v_same.append(mmd2(x, y, kernel, 'v').item())
+        u_shift.append(mmd2(x, y + 1.0, kernel, 'u').item())
     u_same, v_same, u_shift = map(np.array, (u_same, v_same, u_shift))
     se = u_same.std() / math.sqrt(len(u_same))
     assert abs(u_same.mean()) < 3 * se
@@ -101,7 +99,7 @@ def test_bandwidth_is_detached(kernel):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(6, 2, generator=g).requires_grad_(True)
     y = torch.randn(8, 2, generator=g) + 0.3
-    mmd2_vstat(x, y, kernel).backward()
+    mmd2(x, y, kernel, 'v').backward()
     # the same V-statistic with the bandwidth frozen as a constant
     with torch.no_grad():
         z = torch.cat([x, y]).double()
@@ -311,7 +309,7 @@ def test_errprop_curve_times_keys_and_chunking():
     a = errprop_curve(model, diff, x0, generator=torch.Generator().manual_seed(0), **kw)
     b = errprop_curve(model, diff, x0, generator=torch.Generator().manual_seed(0), batch_size=7, **kw)
     c = errprop_curve(model, diff, x0, generator=torch.Generator().manual_seed(1), **kw)
-    assert set(a) == {'t', 'gaussian', 'imq'}
+    assert set(a) == {'t', 'gaussian', 'imq', 'delta', 'std', 'std_q'}
     assert a['t'] == [20, 18, 12, 6, 0]
     assert all(len(a[k]) == 5 for k in ('gaussian', 'imq'))
     assert a['t'] == b['t']
@@ -338,7 +336,7 @@ def test_errprop_curve_signed_unbiased_and_exact_value():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(40, 2, generator=g)
     y = diff.q_sample(x0, 5, torch.randn(40, 2, generator=g))
-    v = mmd2_unbiased(x, y, 'gaussian').item()
+    v = mmd2(x, y, 'gaussian', 'u').item()
     assert out['gaussian'][0] == pytest.approx(math.copysign(math.sqrt(abs(v)), v), rel=1e-5)
 
 

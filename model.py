@@ -35,16 +35,16 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_dim, out_ch)
         self.norm2 = nn.GroupNorm(32, out_ch, eps=1e-6)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout, inplace=True)  # silu saves its input, not output
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x, temb):
-        """x: (B, in_ch, H, W), temb: (B, temb_dim) -> (B, out_ch, H, W)"""
+        """x: (B, in_ch, H, W), temb: silu of the time embedding (B, temb_dim) -> (B, out_ch, H, W)"""
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h += self.temb_proj(temb)[:, :, None, None]  # in place is safe: a conv does not save its output
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.skip(x) + h
+        return h.add_(self.skip(x))
 
 
 class AttnBlock(nn.Module):
@@ -59,10 +59,10 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         """x: (B, C, H, W) -> (B, C, H, W)"""
         B, C, H, W = x.shape
-        h = self.norm(x).reshape(B, C, H * W).transpose(1, 2)  # (B, HW, C)
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C); a view if channels_last
         q, k, v = self.qkv(h).chunk(3, dim=-1)
         h = self.proj(F.scaled_dot_product_attention(q, k, v))  # scale 1/sqrt(C)
-        return x + h.transpose(1, 2).reshape(B, C, H, W)
+        return x + h.reshape(B, H, W, C).permute(0, 3, 1, 2)
 
 
 class UNet(nn.Module):
@@ -118,7 +118,10 @@ class UNet(nn.Module):
     def forward(self, x, t):
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        temb = self.time_mlp(timestep_embedding(t, self.ch))
+        # the net runs in its weights' memory format (model.to(memory_format=torch.channels_last))
+        cl = self.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        temb = F.silu(self.time_mlp(timestep_embedding(t, self.ch)))  # every ResBlock starts with silu(temb)
         hs = [self.conv_in(x)]
         for level in self.down:
             for j, block in enumerate(level.res):
@@ -134,7 +137,7 @@ class UNet(nn.Module):
                     h = level.attn[j](h)
             if hasattr(level, 'upsample'):
                 h = level.upsample(F.interpolate(h, scale_factor=2.0, mode='nearest'))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()  # NCHW for the callers
 
 
 # -----------------------------------------------------------------------------

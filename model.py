@@ -25,6 +25,19 @@ def timestep_embedding(t, dim):
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+
+def cpu_has_native_bf16():
+    """True if this CPU has bf16 arithmetic units (x86 AVX512-BF16 or AMX-BF16, Arm BF16), where bf16
+    autocast is faster than fp32; elsewhere oneDNN emulates bf16 and autocast is much slower."""
+    caps = getattr(torch.cpu, 'get_capabilities', dict)()  # torch >= 2.9
+    if caps.get('avx512_bf16') or caps.get('amx_bf16'):
+        return True
+    try:
+        with open('/proc/cpuinfo') as f:
+            return bool({'avx512_bf16', 'amx_bf16', 'bf16'} & set(f.read().split()))
+    except OSError:
+        return False
+
 # -----------------------------------------------------------------------------
 # U-Net (DDPM). PyTorch default init everywhere (DDPM zero-inits some output convs; not needed here).
 

@@ -79,7 +79,9 @@ class AttnBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """DDPM U-Net. forward(x (B, in_ch, S, S), t (B,) long in 0..T-1) -> eps prediction (B, out_ch, S, S)."""
+    """DDPM U-Net. forward(x (B, in_ch, S, S), t (B,) long in 0..T-1) -> eps prediction (B, out_ch, S, S).
+    Opt-in on CPU: model.to(memory_format=torch.channels_last) runs the net channels_last (same numbers),
+    1.05-1.07x faster fp32 steps for ch=128 but none at ch=32, and slower under bf16 autocast."""
 
     def __init__(self, in_ch, ch, ch_mult, num_res_blocks, attn_res, dropout, img_size, out_ch=None):
         super().__init__()

@@ -79,7 +79,8 @@ def make_step(cfg, data, dev, dtype, compile_):
     """train.py's step for config cfg on `data`: returns (step(i, cfg, fixed_k) -> stats, n_params).
     One network and optimiser serve every cfg passed later (same model, other losses)."""
     torch.manual_seed(R.seed_of(cfg['seed'], 'init'))
-    raw = build_model(cfg['model'], tuple(data.shape[1:]), **R.model_overrides(cfg)).to(dev)
+    raw = build_model(cfg['model'], tuple(data.shape[1:]), **R.model_overrides(cfg)).to(
+        dev, memory_format=torch.channels_last if cfg.get('channels_last') else torch.preserve_format)
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
     opt = torch.optim.Adam(raw.parameters(), lr=cfg['lr'])
     model = torch.compile(raw) if compile_ else raw
@@ -99,7 +100,8 @@ def make_step(cfg, data, dev, dtype, compile_):
 def image_config(a, name, extra=()):
     """The cifar10 preset with network `name` and --batch-size, on random uint8 CIFAR-sized data."""
     bs = a.batch_size or (128 if a.gpu else 16 if name == 'small' else 4)
-    return R.parse_config(['--dataset', 'cifar10', '--model', name, '--batch-size', str(bs)] + list(extra))[0]
+    cl = ['--channels-last'] if a.channels_last else []
+    return R.parse_config(['--dataset', 'cifar10', '--model', name, '--batch-size', str(bs)] + cl + list(extra))[0]
 
 
 def random_images(n, dev):
@@ -264,6 +266,7 @@ def main(argv=None):
     p.add_argument('--threads', type=int, help="torch.set_num_threads (default: torch's own choice)")
     p.add_argument('--dtype', nargs='+', choices=('fp32', 'bf16'), help='default GPU fp32 bf16, CPU fp32')
     p.add_argument('--compile', action=argparse.BooleanOptionalAction, help='default: on for GPU')
+    p.add_argument('--channels-last', action='store_true', help='train, reg: channels_last U-Net (train.py --channels-last)')
     p.add_argument('--reg-L', type=int, nargs='+', default=[1, 3, 5, 7, 9])
     p.add_argument('--k', choices=('random', 'mean', 'both'), help='reg: k ~ U{1..L} as in training '
                    'and/or k fixed at (L+1)/2; default GPU random, CPU mean')

@@ -46,6 +46,18 @@ def set_dropout_shard(model, rank, world):
             m.rank, m.world = rank, world
 
 
+def cpu_has_native_bf16():
+    """True if this CPU has bf16 arithmetic units (x86 AVX512-BF16 or AMX-BF16, Arm BF16), where bf16
+    autocast is faster than fp32; elsewhere oneDNN emulates bf16 and autocast is much slower."""
+    caps = getattr(torch.cpu, 'get_capabilities', dict)()  # torch >= 2.9
+    if caps.get('avx512_bf16') or caps.get('amx_bf16'):
+        return True
+    try:
+        with open('/proc/cpuinfo') as f:
+            return bool({'avx512_bf16', 'amx_bf16', 'bf16'} & set(f.read().split()))
+    except OSError:
+        return False
+
 # -----------------------------------------------------------------------------
 # U-Net (DDPM). PyTorch default init everywhere (DDPM zero-inits some output convs; not needed here).
 
@@ -61,11 +73,11 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x, temb):
-        """x: (B, in_ch, H, W), temb: (B, temb_dim) -> (B, out_ch, H, W)"""
+        """x: (B, in_ch, H, W), temb: silu of the time embedding (B, temb_dim) -> (B, out_ch, H, W)"""
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h += self.temb_proj(temb)[:, :, None, None]  # in place is safe: a conv does not save its output
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.skip(x) + h
+        return h.add_(self.skip(x))
 
 
 class AttnBlock(nn.Module):
@@ -80,14 +92,16 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         """x: (B, C, H, W) -> (B, C, H, W)"""
         B, C, H, W = x.shape
-        h = self.norm(x).reshape(B, C, H * W).transpose(1, 2)  # (B, HW, C)
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C); a view if channels_last
         q, k, v = self.qkv(h).chunk(3, dim=-1)
         h = self.proj(F.scaled_dot_product_attention(q, k, v))  # scale 1/sqrt(C)
-        return x + h.transpose(1, 2).reshape(B, C, H, W)
+        return x + h.reshape(B, H, W, C).permute(0, 3, 1, 2)
 
 
 class UNet(nn.Module):
-    """DDPM U-Net. forward(x (B, in_ch, S, S), t (B,) long in 0..T-1) -> eps prediction (B, out_ch, S, S)."""
+    """DDPM U-Net. forward(x (B, in_ch, S, S), t (B,) long in 0..T-1) -> eps prediction (B, out_ch, S, S).
+    Opt-in on CPU: model.to(memory_format=torch.channels_last) runs the net channels_last (same numbers),
+    1.05-1.07x faster fp32 steps for ch=128 but none at ch=32, and slower under bf16 autocast."""
 
     def __init__(self, in_ch, ch, ch_mult, num_res_blocks, attn_res, dropout, img_size, out_ch=None):
         super().__init__()
@@ -139,7 +153,10 @@ class UNet(nn.Module):
     def forward(self, x, t):
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        temb = self.time_mlp(timestep_embedding(t, self.ch))
+        # the net runs in its weights' memory format (model.to(memory_format=torch.channels_last))
+        cl = self.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        temb = F.silu(self.time_mlp(timestep_embedding(t, self.ch)))  # every ResBlock starts with silu(temb)
         hs = [self.conv_in(x)]
         for level in self.down:
             for j, block in enumerate(level.res):
@@ -155,7 +172,7 @@ class UNet(nn.Module):
                     h = level.attn[j](h)
             if hasattr(level, 'upsample'):
                 h = level.upsample(F.interpolate(h, scale_factor=2.0, mode='nearest'))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()  # NCHW for the callers
 
 
 # -----------------------------------------------------------------------------

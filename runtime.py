@@ -34,7 +34,7 @@ CONFIG = dict(
     reg_weight='exp', warm_start=True, reg_steps=None,
     synthetic=None, fresh_frac=1.0,           # recursive retraining (model collapse)
     batch_size=None, lr=None, warmup=None, grad_clip=1.0, ema_decay=None, max_steps=None,
-    seed=0, device='auto', dtype='fp32', compile=False,
+    seed=0, device='auto', dtype='fp32', compile=False, channels_last=False,
     out_dir=None, resume=False, init_from=None,
     log_every=None, sample_every=None, save_every=None, n_preview=None,
     preview_steps=None,                       # previews: respaced ancestral chain of S steps (None: T)
@@ -66,7 +66,7 @@ NONE_TYPES = dict(image_size=int, model=str, dropout=float, beta_1=float, beta_T
                   save_every=int, n_preview=int, preview_steps=int)
 # what a resumed run may change; everything else defines the run and is refused
 RESUMABLE = {'max_steps', 'log_every', 'save_every', 'sample_every', 'n_preview', 'preview_steps', 'device',
-             'dtype', 'compile', 'data_dir', 'out_dir', 'resume', 'lr', 'grad_clip'}
+             'dtype', 'compile', 'channels_last', 'data_dir', 'out_dir', 'resume', 'lr', 'grad_clip'}
 
 
 def parse_config(argv=None):

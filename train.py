@@ -27,7 +27,7 @@ import torch.distributed as dist
 import data as D
 import runtime as R
 from mmd import consistency_reg, reg_chain_times, reg_weight
-from model import build_model, set_dropout_shard
+from model import build_model, cpu_has_native_bf16, set_dropout_shard
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def build_state(cfg, shape, device, ck):
                    f"{tuple(src_cfg['data_shape'])}, this run builds {cfg['model']!r} for {shape}: "
                    f'pass the matching --model / --dataset')
         raw.load_state_dict(src.state_dict())
-    raw.to(device)
+    raw.to(device, memory_format=torch.channels_last if cfg.get('channels_last') else torch.preserve_format)
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
     opt = torch.optim.Adam(raw.parameters(), lr=cfg['lr'])
     if ck is None:
@@ -256,6 +256,9 @@ def main(argv=None):
     log = None
     if master:   # every check has passed: only now does the run folder change
         print(json.dumps(cfg, indent=1))
+        if cfg['dtype'] == 'bf16' and device == 'cpu' and not cpu_has_native_bf16():
+            print('warning: this CPU has no native bf16 units (no AVX512-BF16 / AMX / Arm BF16): bf16 '
+                  'autocast is emulated and usually slower than fp32 here')
         R.write_json(os.path.join(out, 'config.json'), cfg)
         log = open_log(os.path.join(out, 'log.jsonl'), step)
         print(f"{cfg['dataset']}: {len(data)} examples of shape {shape}; model {cfg['model']} with "

@@ -16,6 +16,7 @@ function, mmd.errprop_curve, in process; N = 1000 on the toy sets, 256 on MNIST)
 All processes run single-threaded (OMP_NUM_THREADS=1): the machine is a shared 2-core CPU.
 """
 import argparse
+import json
 import math
 import os
 import shutil
@@ -72,14 +73,17 @@ def job_list(a):
     if a.mnist:   # real MNIST, downsampled to 14x14, tiny U-Net: Q1, vanilla vs reg (equal steps, equal
         jobs.append(dict(name='timing_mnist', kind='timing', dataset='mnist', deps=[]))   # time), IP, SA
         ev = dict(n_eval=a.mnist_n, t_stride=20, base_steps=a.mnist_max_steps, timing='timing_mnist')
-        for v in ('vanilla', 'reg', 'reg_eqtime', 'ip', 'sa'):
+        for v in ('vanilla', 'reg', 'reg_eqtime', 'ip', 'sa', 'dtype'):
             method, eq = v.split('_')[0], v.endswith('_eqtime')
-            if v in a.mnist_variants:
+            if v in a.mnist_variants and v != 'dtype':
                 for seed in seeds:
                     run('mnist', v, seed, MAIN[method] + mnist_flags(a), 'eqtime:reg' if eq else a.mnist_max_steps,
                         deps=['timing_mnist'] if eq else (), extra=ev)
             if v == 'reg_eqtime':   # control: vanilla for the steps --reg gets at equal time (seed 0)
                 run('mnist', 'vanilla_regsteps', 0, mnist_flags(a), 'eqtime:reg', deps=['timing_mnist'], extra=ev)
+            if v == 'dtype':   # does bf16 autocast train as well as fp32? same seed, same steps
+                for dt in ('fp32', 'bf16'):
+                    run('mnist', f'dtype_{dt}', 0, mnist_flags(a) + ['--dtype', dt], a.mnist_max_steps, extra=ev)
             if v == 'vanilla' and a.mnist_n_full:   # seed 0's curve again, at the paper's N = M
                 run('mnist', f'vanilla_N{a.mnist_n_full}', 0, mnist_flags(a), a.mnist_max_steps, deps=['mnist_vanilla_s0'],
                     extra=dict(ev, n_eval=a.mnist_n_full, eval_of='mnist_vanilla_s0'))
@@ -143,8 +147,11 @@ def job_run(job, a):
         subprocess.run([sys.executable, os.path.join(ROOT, 'train.py')] + cmd, check=True)
     train_wall = time.time() - t0
     model, diff, cfg = R.load_checkpoint(out, 'cpu', ema=True)
+    with open(os.path.join(out, 'log.jsonl')) as f:
+        log = [json.loads(line) for line in f]
     res = dict(job={k: v for k, v in job.items() if k != 'deps'}, steps=steps, eqtime_ratio=ratio,
-               train_argv=argv, train_wall_s=train_wall if not done else None, config=cfg)
+               train_argv=argv, train_wall_s=train_wall if not done else None, config=cfg,
+               loss_curve=[[r['step'], r['loss']] for r in log])
     res.update(evaluate_run(model, diff, cfg, job, a))
     grid = os.path.join(out, f'samples_{steps:07d}.png')   # train.py's end-of-run EMA preview
     if cfg['dataset'] == 'mnist' and 'eval_of' not in job and os.path.isfile(grid):
@@ -205,6 +212,7 @@ def job_diagnostics(a, job):
 
 
 FEWSTEP_S = (10, 20, 50, 100, 1000)
+FEWSTEP_GRID = (1.0, 1.005, 1.01, 1.02, 1.05, 1.1, 1.15, 1.2, 1.3)
 
 
 @torch.no_grad()
@@ -223,7 +231,7 @@ def job_fewstep(a, job):
             tmp = result_path(job['name']) + f'.{sampler}{S}'
             subprocess.run([sys.executable, os.path.join(ROOT, 'evaluate.py'), 'es-search', '--ckpt', run,
                             '--sampler', sampler, '--steps', str(S), '--n', '1000', '--m', '1000', '--seed', '0',
-                            '--device', 'cpu', '--out', tmp], check=True)
+                            '--grid', *map(str, FEWSTEP_GRID), '--device', 'cpu', '--out', tmp], check=True)
             best = read_json(tmp + '.json')['best']['eps_scale']
             os.remove(tmp + '.json')
             err = {}
@@ -237,7 +245,7 @@ def job_fewstep(a, job):
     R.write_json(result_path(job['name']), dict(
         run=job['deps'][0], rows=rows, metric=f'MMD (gaussian, unbiased, signed sqrt) of {a.n_true} samples vs '
         f'2000 fresh true samples (seed {FRESH_SEED}); eps scale chosen by evaluate.py es-search on 1000 '
-        'other fresh samples, grid 1 .. 1.05'))
+        f'other fresh samples, grid {FEWSTEP_GRID}'))
 
 
 class Waiter:
@@ -328,7 +336,8 @@ def main():
     p.add_argument('--mnist-n-full', type=int, default=1000,
                    help='MNIST: evaluate mnist_vanilla_s0 once more with N = M this large (0: skip)')
     p.add_argument('--mnist-variants', nargs='+', default=['vanilla', 'reg', 'reg_eqtime', 'ip', 'sa'],
-                   choices=['vanilla', 'reg', 'reg_eqtime', 'ip', 'sa'])
+                   choices=['vanilla', 'reg', 'reg_eqtime', 'ip', 'sa', 'dtype'],
+                   help='dtype: fp32 and bf16 autocast runs of seed 0 side by side')
     p.add_argument('--report', action='store_true', help='only aggregate and plot what exists')
     p.add_argument('--force-report', action='store_true',
                    help='rewrite summary and tables even when results/runs/ holds fewer runs than they list')

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import zipfile
 
 import numpy as np
 import torch
@@ -244,6 +245,8 @@ def read_npz(path, need=()):
     """{name: array} of an .npz file, holding every name in `need`, or a one-line error naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path} does not exist')
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f'{path} is not an .npz file (not a zip archive): pass one written by sample.py --npz')
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -300,7 +303,7 @@ def read_checkpoint(file):
             raise KeyError(f'no {sorted(missing)}')
         return ck
     except Exception as e:
-        why = ' '.join(str(e).split())[:120].split(' In PyTorch')[0]   # one line, none of torch's advice
+        why = ' '.join(str(e).split()).split('. ')[0][:120]   # one line, none of torch's advice
         raise ValueError(f'{file} is not a readable checkpoint of this project '
                          f'({type(e).__name__}: {why}); it may be truncated or corrupt') from None
 

@@ -336,7 +336,12 @@ def plot_time_vs_L(timing):
 def plot_fewstep(res):
     """results/fewstep_8gaussians.png: final error against S, with and without epsilon scaling."""
     import matplotlib.pyplot as plt
+    fresh = D.sample_toy('8gaussians', 2000, torch.Generator().manual_seed(FRESH_SEED))
+    floor = [signed_sqrt(float(mmd2(D.sample_toy('8gaussians', 1000, torch.Generator().manual_seed(555 + i)),
+                                    fresh, 'gaussian', 'u'))) for i in range(5)]
     fig, ax = plt.subplots(figsize=(6, 4))
+    m, s = mean_std(floor)[:2]
+    ax.axhspan(m - s, m + s, color='grey', alpha=0.2, label='perfect model (true samples), mean ± std')
     for sampler, col in (('ddpm', 'tab:red'), ('ddim', 'tab:blue')):
         rows = [r for r in res['rows'] if r['sampler'] == sampler]
         S = [r['steps'] for r in rows]

@@ -63,6 +63,13 @@ def plot_curves(runs, keys, ylabel, path, titles=None):
     R.save_figure(fig, path)
 
 
+def start(a, *exts):
+    """Check that OUT.<ext> can be written (before anything long starts); the device to use."""
+    for ext in exts:
+        R.check_writable(a.out + ext)
+    return R.setup_device(a.device, distributed=False)[0]
+
+
 def load_runs(a, device):
     """[(ckpt, label, model, diff, cfg)] for --ckpt/--labels, with --quant applied; checks the
     sampler flags against each checkpoint before anything long starts."""
@@ -83,9 +90,7 @@ def load_runs(a, device):
 def run_errprop(a):
     if (a.t_stride or 1) < 1 or a.n < 2 or a.m < 2:
         R.fail('need --t-stride >= 1 and --n, --m >= 2')
-    for path in (a.out + '.json', a.out + '.png'):
-        R.check_writable(path)
-    device = R.setup_device(a.device, distributed=False)[0]
+    device = start(a, '.json', '.png')
     from tqdm import tqdm
     runs = []
     for ckpt, label, model, diff, cfg, chain in load_runs(a, device):
@@ -116,9 +121,7 @@ def chain_settings(a, diff):
 def run_faulttol(a):
     if a.delta < 0 or a.n < 2:
         R.fail('need --delta >= 0 (the RMS of the perturbation) and --n >= 2')
-    for path in (a.out + '.json', a.out + '.png'):
-        R.check_writable(path)
-    device = R.setup_device(a.device, distributed=False)[0]
+    device = start(a, '.json', '.png')
     runs = []
     for ckpt, label, model, diff, cfg, chain in load_runs(a, device):
         visited = diff.times(diff.T, 0, a.steps)
@@ -147,8 +150,7 @@ def run_es_search(a):
     fresh draws of the true distribution for toy sets, training examples for image sets."""
     if a.n < 2 or a.m < 2 or not a.grid or min(a.grid) <= 0:
         R.fail('need --n, --m >= 2 and a --grid of scales > 0')
-    R.check_writable(a.out + '.json')
-    device = R.setup_device(a.device, distributed=False)[0]
+    device = start(a, '.json')
     model, diff, cfg = R.load_checkpoint(a.ckpt, device, ema=True)
     R.chain_kwargs(a, diff)   # checks --steps / --eta
     if D.is_toy(cfg['dataset']):
@@ -224,9 +226,7 @@ def run_quanterr(a):
         quant.parse_spec(s)
     if a.n < 2:
         R.fail('--n must be >= 2 (unbiased MMD)')
-    for path in (a.out + '.json', a.out + '.png'):
-        R.check_writable(path)
-    device = R.setup_device(a.device, distributed=False)[0]
+    device = start(a, '.json', '.png')
     model, diff, cfg = R.load_checkpoint(a.ckpt, device)
     shape, chain = tuple(cfg['data_shape']), R.chain_kwargs(a, diff)
     if D.is_toy(cfg['dataset']):   # fresh draws of the known distribution

@@ -23,6 +23,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -32,13 +33,13 @@ import torch
 import runtime as R
 
 BATCH = 128
+TARGETS = dict(mfu=0.35, reg_time=2.8, card_GB=80.0, fig1_min=5.0)   # what the GPU session checks
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def script(name):
     """A sibling script's path as the user would type it (bench.py when run from the repository)."""
     return os.path.relpath(os.path.join(HERE, name))
-TARGETS = dict(mfu=0.35, reg_time=2.8, card_GB=80.0, fig1_min=5.0)   # what the GPU session checks
 
 
 def parse(argv=None):
@@ -93,11 +94,13 @@ def environment(dev):
                    memory_GB=torch.cuda.get_device_properties(dev).total_memory / 2 ** 30)
     else:
         env['name'] = platform.processor() or platform.machine()
-    if shutil.which('nvidia-smi'):
+    try:
         q = subprocess.run(['nvidia-smi', '--query-gpu=name,driver_version,memory.total',
-                            '--format=csv,noheader'], capture_output=True, text=True)
+                            '--format=csv,noheader'], capture_output=True, text=True, timeout=60)
         env['nvidia_smi'] = q.stdout.strip() or q.stderr.strip()
         env['driver'] = q.stdout.split(',')[1].strip() if q.returncode == 0 and ',' in q.stdout else None
+    except (OSError, subprocess.SubprocessError):
+        env['driver'] = None   # no nvidia-smi (a CPU machine)
     return env
 
 
@@ -113,11 +116,18 @@ class Steps:
         print(f'[{name}] {shlex.join(argv)}  (log: {out})', flush=True)
         t0 = time.time()
         with open(out, 'w') as fo, open(err, 'w') as fe:
+            # its own process group: a step past its limit (or a Ctrl-C here) ends with all of its
+            # children, torchrun's workers included, and leaves nothing running on the device
+            proc = subprocess.Popen(argv, stdout=fo, stderr=fe, env=self.env, start_new_session=True)
             try:
-                rc = subprocess.run(argv, stdout=fo, stderr=fe, env=self.env, timeout=timeout).returncode
+                rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 rc = 124
                 fe.write(f'\ngpu_check: killed after the {timeout:.0f} s limit of this step\n')
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
         with open(err) as fe:
             tail = ''.join(fe.readlines()[-25:]) if rc else None
         return self.record(name, argv, rc, time.time() - t0, tail)
@@ -217,7 +227,7 @@ def main(argv=None):
     gpu, tiny, py = dev.startswith('cuda'), a.tiny, sys.executable
     for name in ('gpu.json', 'gpu.md'):
         R.check_writable(os.path.join(a.results, name))
-    work = os.path.abspath(os.path.join(a.out_dir, time.strftime('run-%Y%m%d-%H%M%S')))
+    work = os.path.abspath(os.path.join(a.out_dir, time.strftime('run-%Y%m%d-%H%M%S-') + str(os.getpid())))
     os.makedirs(os.path.join(work, 'logs'))
     env = dict(os.environ, OMP_NUM_THREADS='1') if tiny else dict(os.environ)   # toy sizes: no thread fights
     steps, t_start = Steps(os.path.join(work, 'logs'), env), time.time()

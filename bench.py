@@ -14,6 +14,9 @@ every variant once) and reported as medians of per-repetition ratios to the firs
 Memory is what a measurement allocated on top of what existed when it started: CUDA
 max_memory_allocated; on a CPU the peak process RSS (VmHWM, reset per measurement where Linux
 allows it, else ru_maxrss growth, which never goes down).
+The train rows also give the model FLOPs per image of the step (torch's FlopCounterMode over one
+forward and backward) and the MFU: achieved FLOP/s over the device's dense peak (PEAKS, bf16 rows
+against bf16, fp32 rows against TF32; --peak-tflops overrides).
 """
 import argparse
 import contextlib
@@ -28,6 +31,8 @@ import sys
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import runtime as R
 import train
@@ -73,6 +78,41 @@ def mem_start(dev):
 def mem_peak_mb(dev, start):
     return ((torch.cuda.max_memory_allocated() - start) / 2 ** 20 if dev.startswith('cuda')
             else (peak_rss_kb() - start) / 1024)
+
+
+# dense peak TFLOP/s of the tensor cores by device name (first match wins): (name, bf16, TF32);
+# fp32 runs use TF32 matmuls on CUDA (runtime.setup_device), so they are measured against TF32
+PEAKS = [('H100 PCIe', 'H100 PCIe dense', 756.0, 378.0), ('H100', 'H100 SXM dense', 989.0, 494.5),
+         ('H200', 'H200 dense (as H100 SXM)', 989.0, 494.5), ('A100', 'A100 dense', 312.0, 156.0)]
+
+
+def device_peak(a, name):
+    """{'name', 'bf16', 'fp32'} peak TFLOP/s: --peak-tflops BF16 [FP32] (FP32 default BF16 / 2, the
+    TF32 : bf16 ratio of Ampere and Hopper), else the PEAKS row matching the device name; None
+    when unknown (a CPU), and then no MFU is reported."""
+    if a.peak_tflops:
+        bf, fp = a.peak_tflops[0], (a.peak_tflops[1:] or [a.peak_tflops[0] / 2])[0]
+        return dict(name=f'--peak-tflops {bf:g} bf16 / {fp:g} fp32', bf16=bf, fp32=fp)
+    for key, label, bf, fp in PEAKS if a.gpu else []:
+        if key in name:
+            return dict(name=f'{label}: {bf:g} bf16 / {fp:g} TF32 TFLOP/s', bf16=bf, fp32=fp)
+    return None
+
+
+def count_flops(cfg, dev):
+    """FLOPs per image of one vanilla training step (train.compute_loss, then backward), counted by
+    torch's FlopCounterMode (matmuls, convolutions, attention) on the uncompiled fp32 network:
+    (forward, forward + backward)."""
+    torch.manual_seed(R.seed_of(cfg['seed'], 'init'))
+    model = build_model(cfg['model'], (3, 32, 32), **R.model_overrides(cfg)).to(dev)
+    x0 = train.local_batch(random_images(cfg['batch_size'], dev), cfg, 0, 0, 1, dev)
+    with sdpa_kernel(SDPBackend.MATH):   # attention as plain matmuls: counted alike on every device
+        with FlopCounterMode(display=False) as fwd:
+            loss, _ = train.compute_loss(model, R.make_diffusion(cfg, dev), x0, cfg, 0)
+        with FlopCounterMode(display=False) as bwd:
+            loss.backward()
+    n = cfg['batch_size']
+    return fwd.get_total_flops() / n, (fwd.get_total_flops() + bwd.get_total_flops()) / n
 
 
 def make_step(cfg, data, dev, dtype, compile_):
@@ -139,6 +179,7 @@ def bench_train(a, dev):
     rows = []
     for name in a.model or ['small', 'cifar10']:
         cfg = image_config(a, name)
+        fwd, fwdbwd = count_flops(cfg, dev)
         for dtype in a.dtype:
             for comp in ([False, True] if a.compile else [False]):
                 m0 = mem_start(dev)   # before the model: weights, Adam state and EMA count too
@@ -151,9 +192,13 @@ def bench_train(a, dev):
                     step(1000 + i)
                 sync(dev)
                 dt = time.perf_counter() - t0
+                img_s = cfg['batch_size'] * a.iters / dt
+                peak = a.peak[dtype] if a.peak else None   # MFU: achieved model FLOP/s over the peak
                 rows.append(dict(model=name, params_M=n / 1e6, batch=cfg['batch_size'], dtype=dtype,
-                                 compile=comp, s_per_step=dt / a.iters, img_per_s=cfg['batch_size'] * a.iters / dt,
-                                 peak_mem_MB=mem_peak_mb(dev, m0)))
+                                 compile=comp, s_per_step=dt / a.iters, img_per_s=img_s,
+                                 peak_mem_MB=mem_peak_mb(dev, m0), gflop_fwd_img=fwd / 1e9,
+                                 gflop_fwdbwd_img=fwdbwd / 1e9, tflop_s=fwdbwd * img_s / 1e12,
+                                 mfu=fwdbwd * img_s / (peak * 1e12) if peak else None))
                 del step
     return rows
 
@@ -244,7 +289,8 @@ def bench_reg_grad(a, dev):
 
 
 def show(title, rows):
-    cells = [[f'{v:.4g}' if isinstance(v, float) else str(v) for v in r.values()] for r in rows]
+    cells = [[f'{v:.4g}' if isinstance(v, float) else '-' if v is None else str(v) for v in r.values()]
+             for r in rows]
     w = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(rows[0])]
     print(f'\n== {title}')
     for r in [list(rows[0])] + cells:
@@ -276,6 +322,9 @@ def main(argv=None):
     p.add_argument('--batches', type=int, default=12, help='reg-grad: training batches')
     p.add_argument('--n', type=int, default=1000, help='errprop: N = M samples')
     p.add_argument('--chunk', type=int, help='errprop: network batch size (default: all N at once)')
+    p.add_argument('--peak-tflops', type=float, nargs='+', metavar='TFLOPS',
+                   help='train: the MFU denominator, BF16 [FP32] dense peak TFLOP/s (default: by device '
+                        'name, see PEAKS; fp32 = bf16 / 2 when only one is given)')
     p.add_argument('--verbose', action='store_true', help='print every repetition')
     p.add_argument('--json', help='also write the results to this JSON file')
     a = p.parse_args(argv)
@@ -288,6 +337,8 @@ def main(argv=None):
     a.dtype = a.dtype or (['fp32', 'bf16'] if a.gpu else ['fp32'])
     a.compile = a.gpu if a.compile is None else a.compile
     a.reps = a.reps or ((3 if a.gpu else 1) if a.what == 'errprop' else (5 if a.gpu else 3))
+    if a.peak_tflops and (len(a.peak_tflops) > 2 or min(a.peak_tflops) <= 0):
+        R.fail('--peak-tflops takes one or two positive numbers: BF16 [FP32] TFLOP/s')
     if a.iters < 1 or a.warmup < 0 or a.reps < 1 or (a.batch_size or 4) < 4 or a.n < 4 or min(a.reg_L) < 1:
         R.fail('--iters, --reps, --reg-L must be >= 1, --warmup >= 0, --batch-size and --n >= 4')
     if a.what == 'methods' and not a.variant:
@@ -300,6 +351,7 @@ def main(argv=None):
         name = torch.cuda.get_device_name(dev) if a.gpu else proc_field('model name', '/proc/cpuinfo')
     except (OSError, StopIteration):
         name = platform.processor() or platform.machine()
+    a.peak = device_peak(a, name)
     out = dict(device=f'{dev} ({name})', torch=torch.__version__, threads=torch.get_num_threads(),
                load_avg=' '.join(f'{v:.2f}' for v in os.getloadavg()), cores=os.cpu_count(),
                command=shlex.join([sys.executable] + sys.argv if argv is None else ['bench.py'] + argv))
@@ -311,8 +363,11 @@ def main(argv=None):
     print('peak_mem_MB: ' + ('CUDA max_memory_allocated' if a.gpu else 'peak process RSS (VmHWM)')
           + ' growth over the start of each measurement')
     if a.what in ('train', 'all'):
+        out['peak'] = a.peak
         out['train'] = bench_train(a, dev)
-        show(f'train: {a.warmup} warm-up + {a.iters} timed steps each', out['train'])
+        show(f'train: {a.warmup} warm-up + {a.iters} timed steps each; GFLOPs per image of the step '
+             f"(FlopCounterMode); mfu against {a.peak['name'] if a.peak else 'no known peak (CPU)'}",
+             out['train'])
     if a.what in ('reg', 'all'):
         out['reg'], head = bench_reg(a, dev)
         show(head, out['reg'])

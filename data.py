@@ -167,11 +167,18 @@ def _load_cifar10(data_dir, download):
         how = " and could not be downloaded (offline?)" if download else " (download disabled)"
         raise FileNotFoundError(f"CIFAR-10 not found under {data_dir}{how}: put the cifar-10-batches-py "
                                 f"folder there or pass --data-dir DIR")
+    # a folder may hold only some of the five batches (a subset carried to a GPU machine):
+    # read those present, in order; data_batch_1 is always there (_cifar_dir requires it)
+    names = [f'data_batch_{i}' for i in range(1, 6) if os.path.isfile(os.path.join(d, f'data_batch_{i}'))]
     rows = []
-    for i in range(1, 6):
-        with open(os.path.join(d, f'data_batch_{i}'), 'rb') as f:
+    for name in names:
+        with open(os.path.join(d, name), 'rb') as f:
             rows.append(pickle.load(f, encoding='bytes')[b'data'])
-    return _planar(np.concatenate(rows))
+    x = _planar(np.concatenate(rows))
+    if len(names) < 5:
+        print(f"CIFAR-10: read {len(x)} images from {len(names)} of 5 training batches "
+              f"({', '.join(names)}) in {d}", flush=True)
+    return x
 
 
 def _mnist_file(data_dir):

@@ -154,19 +154,25 @@ def _cifar_dir(data_dir):
     return None
 
 
-def _load_cifar10(data_dir, download):
-    d = _cifar_dir(data_dir)
-    if d is None and download:
-        try:  # only used to fetch/extract; we read the pickles ourselves
+def _find(find, data_dir, download, torchvision_set, name, what):
+    """find(data_dir), after a torchvision download into data_dir if allowed and needed (only to
+    fetch and extract: we read the files ourselves); a one-line error saying what to put where."""
+    found = find(data_dir)
+    if found is None and download:
+        try:
             import torchvision
-            torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
+            getattr(torchvision.datasets, torchvision_set)(root=data_dir, train=True, download=True)
         except Exception:
             pass
-        d = _cifar_dir(data_dir)
-    if d is None:
+        found = find(data_dir)
+    if found is None:
         how = " and could not be downloaded (offline?)" if download else " (download disabled)"
-        raise FileNotFoundError(f"CIFAR-10 not found under {data_dir}{how}: put the cifar-10-batches-py "
-                                f"folder there or pass --data-dir DIR")
+        raise FileNotFoundError(f"{name} not found under {data_dir}{how}: {what} or pass --data-dir DIR")
+    return found
+
+
+def _load_cifar10(data_dir, download):
+    d = _find(_cifar_dir, data_dir, download, 'CIFAR10', 'CIFAR-10', 'put the cifar-10-batches-py folder there')
     # a folder may hold only some of the five batches (a subset carried to a GPU machine):
     # read those present, in order; data_batch_1 is always there (_cifar_dir requires it)
     names = [f'data_batch_{i}' for i in range(1, 6) if os.path.isfile(os.path.join(d, f'data_batch_{i}'))]
@@ -190,18 +196,8 @@ def _mnist_file(data_dir):
 
 
 def _load_mnist(data_dir, download):
-    path = _mnist_file(data_dir)
-    if path is None and download:
-        try:
-            import torchvision
-            torchvision.datasets.MNIST(root=data_dir, train=True, download=True)
-        except Exception:
-            pass
-        path = _mnist_file(data_dir)
-    if path is None:
-        how = " and could not be downloaded (offline?)" if download else " (download disabled)"
-        raise FileNotFoundError(f"MNIST not found under {data_dir}{how}: put train-images-idx3-ubyte(.gz) in "
-                                f"{os.path.join(data_dir, 'MNIST', 'raw')} or pass --data-dir DIR")
+    path = _find(_mnist_file, data_dir, download, 'MNIST', 'MNIST',
+                 f"put train-images-idx3-ubyte(.gz) in {os.path.join(data_dir, 'MNIST', 'raw')}")
     with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
         raw = f.read()
     magic, n, h, w = np.frombuffer(raw[:16], dtype='>i4')

@@ -288,8 +288,9 @@ def main(argv=None):
     rep['torchrun'] = dict(nproc=a.nproc, backend='nccl' if gpu else 'gloo', rc=rec['rc'], wall_s=rec['wall_s'],
                            steps=steps.read(rec, lambda: read_log(tr_dir)[-1]['step']))
     if a.nproc == 1:
-        rep['torchrun']['note'] = ('With one rank runtime.setup_device joins no process group (WORLD_SIZE = 1), so '
-                                   'this proves the launcher and --reg under it, not DDP itself.')
+        rep['torchrun']['note'] = ('Under torchrun runtime.setup_device joins the process group even with one '
+                                   'rank and train.py wraps the model in DistributedDataParallel: the DDP '
+                                   'path itself (nccl on a GPU, gloo on a CPU) with --reg.')
     # 5. one D_MMD(t) chain step at N = M = 1000, and the projections built on it
     j = os.path.join(work, 'bench_errprop.json')
     n = 8 if tiny else 1000

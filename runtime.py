@@ -155,9 +155,10 @@ def rng(seed, stream, *index, device='cpu'):
 # ---- device and torchrun ---------------------------------------------------------------------
 def setup_device(device='auto', distributed=True):
     """(device, rank, world). 'auto': cuda:LOCAL_RANK when CUDA is there, else cpu. Under torchrun
-    (WORLD_SIZE > 1) joins the process group: nccl on GPUs, gloo on CPUs."""
-    world = int(os.environ.get('WORLD_SIZE', 1)) if distributed else 1
-    rank = int(os.environ.get('RANK', 0)) if world > 1 else 0
+    (WORLD_SIZE set, even to 1) joins the process group: nccl on GPUs, gloo on CPUs."""
+    torchrun = distributed and 'WORLD_SIZE' in os.environ
+    world = int(os.environ['WORLD_SIZE']) if torchrun else 1
+    rank = int(os.environ.get('RANK', 0)) if torchrun else 0
     if device == 'auto':
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else 'cpu'
     if device.startswith('cuda'):
@@ -168,7 +169,7 @@ def setup_device(device='auto', distributed=True):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     elif device != 'cpu' and not device.startswith('mps'):
         fail(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
-    if world > 1 and not dist.is_initialized():
+    if torchrun and not dist.is_initialized():
         dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
     return device, rank, world
 

@@ -248,7 +248,7 @@ def main(argv=None):
     raw, ema, opt, step = build_state(cfg, shape, device, ck)
     set_dropout_shard(raw, rank, world)   # dropout masks of the global batch, sliced per rank
     model = torch.compile(raw) if cfg['compile'] else raw
-    if world > 1:
+    if dist.is_initialized():   # under torchrun, one rank included (that proves the DDP path too)
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.startswith('cuda') else None)
     autocast = (torch.autocast(device.split(':')[0], dtype=torch.bfloat16)

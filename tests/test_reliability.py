@@ -267,3 +267,18 @@ def test_collapse_with_a_corrupt_checkpoint(tmp_path):
     with pytest.raises(ValueError, match='not a readable checkpoint'):
         collapse.main(['--generations', '0', '--T', '100', '--n-train', '100', '--n-eval', '50',
                        '--out-dir', str(tmp_path), '--device', 'cpu'])
+
+
+def test_checkpoint_written_before_the_redesign_loads_and_resumes(healthy, tmp_path):
+    """The format of commit 06936f2: no reg_steps / preview_steps / channels_last in the config,
+    explicit betas and rho, an (unused) 'rng' field."""
+    ck = R.read_checkpoint(str(healthy / 'ckpt.pt'))
+    old = {k: v for k, v in ck['config'].items() if k not in ('reg_steps', 'preview_steps', 'channels_last')}
+    ck.update(config=old, rng=torch.get_rng_state())
+    run_dir = tmp_path / 'old'
+    run_dir.mkdir()
+    torch.save(ck, run_dir / 'ckpt.pt')
+    model, diff, cfg = R.load_checkpoint(str(run_dir))
+    assert diff.T == 100 and cfg['beta_T'] == ck['config']['beta_T']
+    train.main(['--out-dir', str(run_dir), '--resume', '--max-steps', '110', '--log-every', '10'])
+    assert R.read_checkpoint(str(run_dir / 'ckpt.pt'))['step'] == 110

@@ -8,9 +8,8 @@ Two protocols. `--score mlp` (default) is the project's own extension: every gen
 denoiser (train.py). `--score kde` is the seed paper's synthetic experiment (arXiv 2602.16601), whose
 "model" is the exact score of a Gaussian kernel density estimate; see KDE PROTOCOL below.
 
-MLP PROTOCOL.
-
-Generation 0 trains on real data (shared by all alphas: it does not depend on alpha). Generation
+MLP PROTOCOL (--score mlp). Generation 0 trains on real data (shared by all alphas: it does not
+depend on alpha; in the paper's indexing it is p_1, so generation g here is the paper's g + 1). Generation
 g >= 1 trains a fresh model from scratch on N examples: a fraction alpha of fresh real data (train
 seed base+g, so toy sets draw a new real sample every generation) and 1 - alpha of generation g-1's
 samples (train.py --synthetic PREV/samples.npz --fresh-frac alpha). Each generation's samples.npz

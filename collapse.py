@@ -2,11 +2,14 @@
 
     python collapse.py --dataset gmm10d --generations 20 --alphas 0.1 0.5 0.9
     python collapse.py ... -- --lr 5e-4          # flags after -- go to every train.py run
+    python collapse.py --score kde --runs 10     # the seed paper's own synthetic protocol
 
-This is the project's own protocol (a trained MLP denoiser), an extension of the seed paper's,
-whose model is the exact score of a kernel density estimate instead.
+Two protocols. `--score mlp` (default) is the project's own extension: every generation trains an MLP
+denoiser (train.py). `--score kde` is the seed paper's synthetic experiment (arXiv 2602.16601), whose
+"model" is the exact score of a Gaussian kernel density estimate; see KDE PROTOCOL below.
 
-Generation 0 trains on real data (shared by all alphas: it does not depend on alpha). Generation
+MLP PROTOCOL (--score mlp). Generation 0 trains on real data (shared by all alphas: it does not
+depend on alpha; in the paper's indexing it is p_1, so generation g here is the paper's g + 1). Generation
 g >= 1 trains a fresh model from scratch on N examples: a fraction alpha of fresh real data (train
 seed base+g, so toy sets draw a new real sample every generation) and 1 - alpha of generation g-1's
 samples (train.py --synthetic PREV/samples.npz --fresh-frac alpha). Each generation's samples.npz
@@ -16,12 +19,50 @@ feeds both the next generation's training and the measurement:
             true samples (fresh toy draws; for image sets a random subset of the training set).
 Writes out_dir/collapse.json (atomically) and collapse.png; prints a markdown table. Resumable:
 a generation whose run folder holds a finished ckpt.pt and enough samples is not redone.
+
+KDE PROTOCOL (--score kde; default data set gmm5x10, the paper's mixture). Generations follow the
+paper's indexing: p_0 = p_data (row 0 is a fresh draw of N true samples: the measurement's noise
+floor); generation g >= 1 is the KDE model fitted to a training set X of n points (--n-train) drawn
+from q_{g-1} = alpha p_data + (1 - alpha) p_{g-1} (q_0 = p_data): round(alpha n) fresh real points and
+the rest taken from generation g-1's N samples (--n-samples). The model's score at diffusion time t is
+the EXACT score of the forward-diffused KDE: under the VP SDE dx = -beta(t) x / 2 dt + sqrt(beta(t)) dW,
+x_t = m(t) x_0 + s(t) eps with m = exp(-B/2), s^2 = 1 - exp(-B), B(t) = int_0^t beta, the KDE
+(1/n) sum_i N(x_i, h^2 I) diffuses to (1/n) sum_i N(m x_i, (m^2 h^2 + s^2) I), whose score is
+(m sum_i w_i x_i - x) / (m^2 h^2 + s^2), w = softmax_i(-||x - m x_i||^2 / (2 (m^2 h^2 + s^2))), computed
+exactly in row chunks (N x n distances per step). beta(t) = beta_min + (beta_max - beta_min) t / T is
+linear on [0, T]: Song et al.'s (2021) VP SDE (0.1, 20 on [0, 1]) stretched to the paper's horizon T = 4
+(the paper's beta values were not available to us: --beta-min/--beta-max). Sampling is Euler-Maruyama
+of the reverse SDE dx = [-beta x / 2 - beta score] dt + sqrt(beta) dW from x_T ~ N(0, I) at T = 4 down to
+t0 = 0.02 in 500 uniform steps (--steps); the last step adds no noise (the mean of the final transition,
+as in Song et al.'s samplers), and the state at t0 is returned as the sample: x_t0 = m(t0) x_0 +
+s(t0) eps differs from a KDE draw by m(t0) = 0.9985 and s(t0)^2 = 0.003 (h^2 = 0.36), so no Tweedie
+denoising, which would also shrink the KDE's own h^2 spread. The paper's N = n = 100,000 costs 10^10
+pairs per step on a CPU; the default is n = N = 1,000: 2.7 s per generation on one CPU core (2,000:
+13 s; 5,000: 66 s; 10,000: 540 s; run with OMP_NUM_THREADS=1 on a shared machine). The measured
+effect of n is in the README.
+Metrics per generation and run, mean / std / min / max over --runs runs (paper: 10):
+  drift %       = as in the MLP protocol (total E||x||^2 / D over the true value, minus 1);
+  within_var    = per-coordinate second moment about the nearest true component mean (true: std^2);
+  MMD           = as in the MLP protocol, first n-eval samples against n-eval fresh true samples;
+  closure       = the third-party analytic closure of this setting (NOT the paper's): fitting a KDE adds
+                  h^2 I to the training distribution's covariance, so v_g = alpha s^2 + (1 - alpha) v_{g-1}
+                  + h^2, v_0 = s^2, i.e. v_g = s^2 + h^2 (1 - (1 - alpha)^g) / alpha per component, and the
+                  same for E||x||^2 / D: drift_g = 100 h^2 (1 - (1 - alpha)^g) / (alpha E||x||^2 / D)
+                  (+108 / +25 / +14 % at g = 20 for alpha 0.1 / 0.5 / 0.9 on gmm5x10). The second-moment
+                  recursion is exact in expectation for any data set if the sampler is exact.
+Samples are stored per (run, alpha, generation) in out_dir/run{r}/...; a restarted or extended
+command (more generations, runs or alphas) redoes nothing stored; changing a run-defining flag is
+refused. Random streams: runtime.rng(seed, stream, run, generation), shared by all alphas, so the
+alphas see the same real data and noise (generation 1 does not depend on alpha and is shared).
 """
 import argparse
+import json
 import os
 import subprocess
 import sys
 import time
+
+import math
 
 import torch
 
@@ -40,21 +81,39 @@ def parse_args(argv=None):
     extra = argv[argv.index('--') + 1:] if '--' in argv else []
     argv = argv[:argv.index('--')] if '--' in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--dataset', default='gmm10d', choices=D.DATASETS)
+    p.add_argument('--score', choices=('mlp', 'kde'), default='mlp',
+                   help="mlp: the project's trained-MLP protocol; kde: the seed paper's exact KDE score")
+    p.add_argument('--dataset', choices=D.DATASETS, help='default: gmm10d (mlp), gmm5x10 (kde)')
     p.add_argument('--generations', type=int, default=20, help='G: generations 0..G are trained')
     p.add_argument('--alphas', type=float, nargs='+', default=[0.1, 0.5, 0.9],
                    help='fractions of fresh real data per generation')
     p.add_argument('--steps-per-gen', type=int, default=2000, help='train.py --max-steps')
-    p.add_argument('--n-train', type=int, default=2000, help='training set size (train.py --toy-n)')
+    p.add_argument('--n-train', type=int, help='training set size (mlp: train.py --toy-n, default '
+                   '2000; kde: the KDE\'s n points, default 1000)')
     p.add_argument('--n-eval', type=int, default=1000, help='samples per side for MMD')
     p.add_argument('--T', type=int, default=1000)
     p.add_argument('--sampler', choices=('ddpm', 'ddim'), default='ddpm')
-    p.add_argument('--steps', type=int, help='sampling steps (default: every step of the chain)')
+    p.add_argument('--steps', type=int, help='sampling steps (mlp default: every step of the chain; '
+                   'kde default: 500 Euler-Maruyama steps)')
+    k = p.add_argument_group('--score kde (the seed paper\'s protocol)')
+    k.add_argument('--bandwidth', type=float, default=0.6, help='KDE bandwidth h')
+    k.add_argument('--n-samples', type=int, help='N samples per generation (default: --n-train)')
+    k.add_argument('--runs', type=int, default=1, help='independent repetitions (paper: 10)')
+    k.add_argument('--sde-T', type=float, default=4.0, help='horizon T of the VP SDE')
+    k.add_argument('--t0', type=float, default=0.02, help='end time of the reverse sampler')
+    k.add_argument('--beta-min', type=float, default=0.1)
+    k.add_argument('--beta-max', type=float, default=20.0)
+    k.add_argument('--chunk', type=int, default=2_000_000, help='max rows x n of one distance block')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default='auto')
-    p.add_argument('--out-dir', default=os.path.join('out', 'collapse'))
+    p.add_argument('--out-dir', help='default: out/collapse (mlp), out/collapse_kde (kde)')
     a = p.parse_args(argv)
     a.extra, a.alphas = extra, list(dict.fromkeys(a.alphas))
+    a.dataset = a.dataset or ('gmm5x10' if a.score == 'kde' else 'gmm10d')
+    a.n_train = a.n_train or (1000 if a.score == 'kde' else 2000)
+    a.out_dir = a.out_dir or os.path.join('out', 'collapse_kde' if a.score == 'kde' else 'collapse')
+    if a.score == 'kde':
+        return check_kde_args(a)
     if a.generations < 0 or a.n_eval < 2 or a.n_train < 2 or a.steps_per_gen < 1:
         raise SystemExit('error: need --generations >= 0, --n-eval >= 2, --n-train >= 2, '
                          '--steps-per-gen >= 1')
@@ -172,9 +231,264 @@ def plot(results, path):
     fig.tight_layout()
     R.save_figure(fig, path)
 
+# ----------------------------------------------------------------------------- KDE protocol (paper's)
+
+def check_kde_args(a):
+    if not D.is_toy(a.dataset):
+        R.fail(f'--score kde needs a toy data set (points in R^D), not {a.dataset!r}; toy sets: {D.TOY}')
+    if a.extra:
+        R.fail('--score kde trains nothing: flags after -- (for train.py) do not apply')
+    a.steps = 500 if a.steps is None else a.steps
+    a.n_samples = a.n_train if a.n_samples is None else a.n_samples
+    if not (a.bandwidth > 0 and math.isfinite(a.bandwidth)):
+        R.fail(f'--bandwidth must be a positive number, got {a.bandwidth}')
+    if not 0 < a.t0 < a.sde_T or not 0 < a.beta_min <= a.beta_max:
+        R.fail('need 0 < --t0 < --sde-T and 0 < --beta-min <= --beta-max')
+    if a.steps < 1 or a.runs < 1 or a.chunk < 1:
+        R.fail('--steps, --runs and --chunk must be >= 1')
+    if a.n_samples < a.n_train:
+        R.fail(f'--n-samples ({a.n_samples}) must be >= --n-train ({a.n_train}): the next training '
+               f'set is drawn from these samples')
+    if a.n_eval > a.n_samples:
+        R.fail(f'--n-eval ({a.n_eval}) must be <= --n-samples ({a.n_samples})')
+    return a
+
+
+class VPSchedule:
+    """VP SDE with beta(t) = beta_min + (beta_max - beta_min) t / T on [0, T]."""
+
+    def __init__(self, T=4.0, beta_min=0.1, beta_max=20.0):
+        self.T, self.b0, self.b1 = float(T), float(beta_min), float(beta_max)
+
+    def beta(self, t):
+        return self.b0 + (self.b1 - self.b0) * t / self.T
+
+    def integral(self, t):                      # B(t) = int_0^t beta
+        return self.b0 * t + (self.b1 - self.b0) * t * t / (2 * self.T)
+
+    def m_s2(self, t):
+        """x_t = m x_0 + s eps: (m(t), s(t)^2)."""
+        B = self.integral(t)
+        return math.exp(-B / 2), -math.expm1(-B)
+
+
+def kde_score(x, X, m, s2, h, chunk=2_000_000):
+    """Exact score at x (N, D) of (1/n) sum_i N(m X_i, (m^2 h^2 + s2) I): the KDE of X (n, D) with
+    bandwidth h, forward-diffused to the time where x_t = m x_0 + sqrt(s2) eps. In x's dtype."""
+    X = X.to(x.dtype)
+    var = m * m * h * h + s2
+    half_sq = 0.5 * m * m * X.pow(2).sum(1)                # ||x||^2 cancels in the softmax
+    out = torch.empty_like(x)
+    rows = max(1, chunk // max(1, len(X)))
+    for i in range(0, len(x), rows):
+        xb = x[i:i + rows]
+        w = torch.softmax((m * (xb @ X.T) - half_sq) / var, dim=1)
+        out[i:i + rows] = (m * (w @ X) - xb) / var
+    return out
+
+
+def kde_log_density(x, X, m, s2, h):
+    """log of the same diffused KDE density at x (for tests: its autograd gradient is the score)."""
+    var = m * m * h * h + s2
+    d2 = (x[:, None, :] - m * X[None]).pow(2).sum(-1)
+    return torch.logsumexp(-d2 / (2 * var), 1) - math.log(len(X)) - 0.5 * x.shape[1] * math.log(2 * math.pi * var)
+
+
+def sample_kde(X, N, h, sched, steps, t0, generator, chunk=2_000_000):
+    """N samples of the KDE model of X: Euler-Maruyama of the reverse VP SDE from x_T ~ N(0, I) to t0
+    in `steps` uniform steps with the exact diffused-KDE score; no noise on the last step."""
+    x = torch.randn(N, X.shape[1], generator=generator)
+    ts = torch.linspace(sched.T, t0, steps + 1, dtype=torch.float64).tolist()
+    for k in range(steps):
+        t, dt = ts[k], ts[k] - ts[k + 1]
+        b = sched.beta(t)
+        m, s2 = sched.m_s2(t)
+        x = x + (0.5 * b * x + b * kde_score(x, X, m, s2, h, chunk)) * dt
+        if k < steps - 1:
+            x = x + math.sqrt(b * dt) * torch.randn(x.shape, generator=generator)
+    return x
+
+
+def within_var(x, name):
+    """Per-coordinate second moment of x about the nearest true component mean (mixture toy sets)."""
+    comp = D.toy_components(name)
+    if comp is None:
+        return None
+    mu = comp[0].to(x.dtype)
+    d2 = torch.cdist(x, mu).pow(2).min(1).values
+    return float(d2.mean() / x.shape[1])
+
+
+def closure_drift_pct(alpha, g, h, name):
+    """Third-party closure (see the docstring): drift % of E||x||^2 / D at generation g."""
+    return 100.0 * h * h * (1 - (1 - alpha) ** g) / alpha / D.toy_second_moment(name)
+
+
+def closure_within_var(alpha, g, h, name):
+    comp = D.toy_components(name)
+    return None if comp is None else comp[1] ** 2 + h * h * (1 - (1 - alpha) ** g) / alpha
+
+
+RUN_DEFINING = ('dataset', 'bandwidth', 'n_train', 'n_samples', 'steps', 'sde_T', 't0', 'beta_min',
+                'beta_max', 'seed')
+
+
+def kde_path(a, run, alpha, g):
+    if g == 1:   # q_0 = p_data: generation 1 does not depend on alpha
+        return os.path.join(a.out_dir, f'run{run}', 'gen01.npz')
+    return os.path.join(a.out_dir, f'run{run}', f'alpha{alpha:g}', f'gen{g:02d}.npz')
+
+
+def kde_generation(a, run, alpha, g, prev, sched):
+    """Samples (N, D) of generation g >= 1 (loaded if stored); prev: generation g-1's samples."""
+    path = kde_path(a, run, alpha, g)
+    if os.path.isfile(path):
+        return torch.from_numpy(R.read_npz(path, need=['samples'])['samples']), 0.0
+    t = time.time()
+    n_fresh = a.n_train if g == 1 else round(alpha * a.n_train)
+    fresh = D.sample_toy(a.dataset, n_fresh, R.rng(a.seed, 'kde-real', run, g))
+    X = torch.cat([fresh, prev[:a.n_train - n_fresh]]) if g > 1 else fresh
+    x = sample_kde(X.float(), a.n_samples, a.bandwidth, sched, a.steps, a.t0,
+                   R.rng(a.seed, 'kde-sample', run, g), a.chunk)
+    if not torch.isfinite(x).all():
+        R.fail(f'non-finite samples at run {run}, alpha {alpha:g}, generation {g}: use more --steps')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    R.save_npz(path, samples=x.numpy())
+    return x, time.time() - t
+
+
+def kde_measure(a, x, ref):
+    return dict(drift_pct=drift_pct(x, a.dataset), within_var=within_var(x, a.dataset),
+                mmd=signed_mmd(x[:a.n_eval], ref))
+
+
+def summarise(values):
+    t = torch.tensor(values, dtype=torch.float64)
+    return dict(mean=float(t.mean()), std=float(t.std()) if len(t) > 1 else 0.0,
+                min=float(t.min()), max=float(t.max()), runs=list(values))
+
+
+def kde_results(a, per_run):
+    """{alpha: [row per generation]} with mean / std / min / max over the finished runs."""
+    res = {}
+    for alpha in a.alphas:
+        rows = []
+        for g in range(a.generations + 1):
+            got = [per_run[r][alpha][g] for r in sorted(per_run) if len(per_run[r][alpha]) > g]
+            if not got:
+                break
+            row = dict(gen=g, n_runs=len(got),
+                       closure_drift_pct=closure_drift_pct(alpha, g, a.bandwidth, a.dataset),
+                       closure_within_var=closure_within_var(alpha, g, a.bandwidth, a.dataset))
+            for key in ('drift_pct', 'within_var', 'mmd'):
+                row[key] = None if got[0][key] is None else summarise([r[key] for r in got])
+            rows.append(row)
+        res[f'{alpha:g}'] = rows
+    return res
+
+
+def plot_kde(results, path, dataset):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    keys = [k for k in ('drift_pct', 'within_var', 'mmd') if next(iter(results.values()))[0][k] is not None]
+    titles = dict(drift_pct='E||x||^2 drift (%)', within_var='within-component variance per coordinate',
+                  mmd='MMD to data (signed sqrt)')
+    fig, axs = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axs[0], keys):
+        for i, (alpha, rows) in enumerate(results.items()):
+            c = f'C{i}'
+            g = [r['gen'] for r in rows]
+            mean = [r[key]['mean'] for r in rows]
+            sd = [r[key]['std'] for r in rows]
+            ax.plot(g, mean, 'o-', ms=3, color=c, label=f'alpha = {alpha} (n runs = {rows[-1]["n_runs"]})')
+            ax.fill_between(g, [u - v for u, v in zip(mean, sd)], [u + v for u, v in zip(mean, sd)],
+                            color=c, alpha=0.2, lw=0)
+            ck = {'drift_pct': 'closure_drift_pct', 'within_var': 'closure_within_var'}.get(key)
+            if ck:
+                ax.plot(g, [r[ck] for r in rows], '--', color=c, lw=1)
+        ax.set(xlabel='generation', title=titles[key])
+        ax.axhline(0, color='gray', lw=0.5)
+    axs[0][0].legend(title='mean +- std over runs; dashed: closure', fontsize=8)
+    fig.suptitle(f'KDE protocol (seed 001 paper) on {dataset}')
+    fig.tight_layout()
+    R.save_figure(fig, path)
+
+
+def main_kde(a):
+    os.makedirs(a.out_dir, exist_ok=True)
+    R.check_writable(os.path.join(a.out_dir, 'collapse.json'))
+    conf_path = os.path.join(a.out_dir, 'kde_config.json')
+    conf = {k: getattr(a, k) for k in RUN_DEFINING}
+    if os.path.isfile(conf_path):
+        with open(conf_path) as f:
+            old = json.load(f)
+        diff = [k for k in RUN_DEFINING if old.get(k) != conf[k]]
+        if diff:
+            R.fail(f'{a.out_dir} holds a KDE protocol run with other {", ".join(diff)} '
+                   f'({", ".join(f"{k}={old.get(k)}" for k in diff)}): use another --out-dir')
+    else:
+        R.write_json(conf_path, conf)
+    sched = VPSchedule(a.sde_T, a.beta_min, a.beta_max)
+    out = dict(score='kde', **conf, alphas=a.alphas, runs=a.runs, generations=a.generations,
+               n_eval=a.n_eval, seconds_per_generation=None, results={})
+    json_path = os.path.join(a.out_dir, 'collapse.json')
+    print(f'{a.dataset}: KDE score (h = {a.bandwidth}), n = {a.n_train}, N = {a.n_samples}, '
+          f'{a.steps} Euler-Maruyama steps from T = {a.sde_T} to t0 = {a.t0}, generations 1..'
+          f'{a.generations}, alphas {a.alphas}, {a.runs} run(s)', flush=True)
+    per_run, secs, t_start = {}, [], time.time()
+    for run in range(a.runs):
+        ref = D.sample_toy(a.dataset, a.n_eval, R.rng(a.seed, 'kde-ref', run))
+        x0 = D.sample_toy(a.dataset, a.n_samples, R.rng(a.seed, 'kde-real', run, 0))
+        m0 = kde_measure(a, x0, ref)
+        per_run[run] = {alpha: [m0] for alpha in a.alphas}
+        prev = {alpha: x0 for alpha in a.alphas}
+        for g in range(1, a.generations + 1):
+            for alpha in a.alphas:
+                prev[alpha], sec = kde_generation(a, run, alpha, g, prev[alpha], sched)
+                if sec:
+                    secs.append(sec)
+                per_run[run][alpha].append(kde_measure(a, prev[alpha], ref))
+            r = {al: rows[-1] for al, rows in per_run[run].items()}
+            print(f'run {run} gen {g:2d}: drift % ' + ', '.join(f'{al:g}: {v["drift_pct"]:+.1f}'
+                  for al, v in r.items()) + f' | elapsed {(time.time() - t_start) / 60:.1f} min', flush=True)
+            out['results'] = kde_results(a, per_run)
+            out['seconds_per_generation'] = sum(secs) / len(secs) if secs else None
+            R.write_json(json_path, out)
+        plot_kde(out['results'], os.path.join(a.out_dir, 'collapse.png'), a.dataset)
+    out['results'] = kde_results(a, per_run)
+    R.write_json(json_path, out)
+    plot_kde(out['results'], os.path.join(a.out_dir, 'collapse.png'), a.dataset)
+    res = out['results']
+    for key, title, fmt in (('drift_pct', 'second-moment drift (%)', '{:+.1f}'),
+                            ('within_var', 'within-component variance per coordinate', '{:.3f}')):
+        if res[f'{a.alphas[0]:g}'][0][key] is None:
+            continue
+        ck = 'closure_' + key
+        print(f'\n{title}, mean +- std over {a.runs} run(s); closure (third-party, not the paper\'s)\n')
+        print('| gen | ' + ' | '.join(f'alpha {k} | closure' for k in res) + ' |')
+        print('|---:|' + '---:|---:|' * len(res))
+        for g in range(a.generations + 1):
+            print(f'| {g} | ' + ' | '.join(f"{cell(rows[g], key, fmt)} | {fmt.format(rows[g][ck])}"
+                                           for rows in res.values()) + ' |')
+    last = ', '.join(f"alpha {k}: {rows[-1]['drift_pct']['mean']:+.1f} % (closure "
+                     f"{rows[-1]['closure_drift_pct']:+.1f} %)" for k, rows in res.items())
+    sec = out['seconds_per_generation']
+    print(f'\nsummary: generation {a.generations} drift: {last}; '
+          f"{'%.1f s' % sec if sec else 'no new'} per generation sampled; wrote {json_path}", flush=True)
+    return out
+
+
+def cell(row, key, fmt):
+    v = row[key]
+    return f"{fmt.format(v['mean'])} +- {fmt.format(v['std']).lstrip('+')}"
+
+
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.score == 'kde':
+        return main_kde(a)
     os.makedirs(a.out_dir, exist_ok=True)
     cfg0, _ = R.parse_config(train_argv(a, a.alphas[0], 0))   # checks the flags before any work
     ref, N = reference(a, cfg0)

@@ -13,6 +13,9 @@ Toy definitions (the 2-D sets lie roughly within [-3, 3], as in common 2-D diffu
   gmm10d       : 10-D equal mixture of 5 Gaussians N(mu_k, I); means mu_k ~ N(0, 4 I) drawn ONCE with
                  torch.Generator seed 1234 (fixed, independent of `seed`). Used for the model-collapse
                  protocol because E||x||^2 = mean_k ||mu_k||^2 + D is known exactly.
+  gmm5x10      : the seed-001 paper's synthetic geometry (arXiv 2602.16601): 10-D equal mixture of 5
+                 isotropic Gaussians with std 0.6, one mean at the origin and four at (+-4, +-4, 0, ..., 0).
+                 E||x||^2 / D = (4 * 32 / 5 + 10 * 0.36) / 10 = 2.92 exactly.
 """
 
 import functools
@@ -27,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 DATASETS = ('cifar10', 'mnist', 'celeba64', 'imagenet32', 'folder',
-            '8gaussians', 'swissroll', 'moons', 'checkerboard', 'gmm10d')
-TOY = ('8gaussians', 'swissroll', 'moons', 'checkerboard', 'gmm10d')
+            '8gaussians', 'swissroll', 'moons', 'checkerboard', 'gmm10d', 'gmm5x10')
+TOY = ('8gaussians', 'swissroll', 'moons', 'checkerboard', 'gmm10d', 'gmm5x10')
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
 
 
@@ -67,6 +70,23 @@ def gmm10d_means():
     return 2.0 * torch.randn(5, 10, generator=torch.Generator().manual_seed(1234))
 
 
+GMM5X10_STD = 0.6
+
+
+@functools.lru_cache(maxsize=1)
+def gmm5x10_means():
+    """(5, 10) component means of gmm5x10: the origin and (+-4, +-4, 0, ..., 0)."""
+    m = torch.zeros(5, 10)
+    m[1:, :2] = torch.tensor([[4.0, 4.0], [4.0, -4.0], [-4.0, 4.0], [-4.0, -4.0]])
+    return m
+
+
+def toy_components(name):
+    """(means (K, D), per-coordinate std) of an isotropic Gaussian-mixture toy set, else None."""
+    return {'gmm10d': lambda: (gmm10d_means(), 1.0),
+            'gmm5x10': lambda: (gmm5x10_means(), GMM5X10_STD)}.get(name, lambda: None)()
+
+
 def sample_toy(name, n, generator=None):
     """n fresh float32 draws (n, D) from the true toy distribution `name`."""
     g = generator
@@ -93,15 +113,19 @@ def sample_toy(name, n, generator=None):
     if name == 'gmm10d':
         k = torch.randint(5, (n,), generator=g)
         return gmm10d_means()[k] + torch.randn(n, 10, generator=g)
+    if name == 'gmm5x10':
+        k = torch.randint(5, (n,), generator=g)
+        return gmm5x10_means()[k] + GMM5X10_STD * torch.randn(n, 10, generator=g)
     raise ValueError(f"unknown toy data set {name!r}; toy sets are {TOY}")
 
 
 @functools.lru_cache(maxsize=None)
 def toy_second_moment(name):
-    """E||x||^2 / D of the true distribution: analytic for gmm10d and 8gaussians, else Monte Carlo
-    (1e6 samples, fixed seed)."""
-    if name == 'gmm10d':
-        return float((gmm10d_means().pow(2).sum(1).mean() + 10) / 10)
+    """E||x||^2 / D of the true distribution: analytic for gmm10d, gmm5x10 and 8gaussians, else
+    Monte Carlo (1e6 samples, fixed seed)."""
+    if toy_components(name) is not None:
+        mu, std = toy_components(name)
+        return float((mu.pow(2).sum(1).mean() + mu.shape[1] * std ** 2) / mu.shape[1])
     if name == '8gaussians':
         return (2.0 ** 2 + 2 * 0.1 ** 2) / 2
     x = sample_toy(name, 1_000_000, torch.Generator().manual_seed(12345))

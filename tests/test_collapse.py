@@ -81,3 +81,76 @@ def test_drift_and_mmd_of_true_samples():
     y = D.sample_toy('gmm10d', 1000, g)
     assert abs(collapse.signed_mmd(x[:1000], y)) < 0.05
     assert collapse.signed_mmd(x[:1000] + 1.0, y) > 0.2
+
+
+# ----------------------------------------------------------------------------- --score kde (paper's)
+
+KDE = ['--score', 'kde', '--n-train', '200', '--generations', '3', '--steps', '20', '--runs', '2',
+       '--n-eval', '200']
+
+
+def test_kde_score_is_the_gradient_of_the_diffused_kde():
+    g = torch.Generator().manual_seed(0)
+    X = D.sample_toy('gmm5x10', 50, g).double()
+    sched = collapse.VPSchedule(4.0, 0.1, 20.0)
+    for t in (0.02, 0.5, 2.0):
+        m, s2 = sched.m_s2(t)
+        x = (m * D.sample_toy('gmm5x10', 6, g).double() + 0.7 * torch.randn(6, 10, generator=g,
+                                                                             dtype=torch.float64))
+        x.requires_grad_(True)
+        grad, = torch.autograd.grad(collapse.kde_log_density(x, X, m, s2, 0.6).sum(), x)
+        score = collapse.kde_score(x.detach(), X, m, s2, 0.6, chunk=100)   # chunks of 2 rows
+        assert score.dtype == torch.float64
+        torch.testing.assert_close(score, grad, rtol=1e-10, atol=1e-10)
+    # m(t), s(t)^2 of the linear schedule: B(4) = 0.1 * 4 + 19.9 * 16 / 8
+    m, s2 = sched.m_s2(4.0)
+    assert abs(m - np.exp(-(0.4 + 19.9 * 2) / 2)) < 1e-12 and abs(s2 + m * m - 1) < 1e-12
+
+
+def test_kde_protocol_over_disperses_and_fresh_data_holds_it(tmp_path, capsys):
+    out = str(tmp_path / 'kde')
+    res = collapse.main(KDE + ['--alphas', '0.1', '1', '--out-dir', out])
+    js = json.load(open(os.path.join(out, 'collapse.json')))
+    assert js['results'] == json.loads(json.dumps(res['results'])) and js['score'] == 'kde'
+    assert js['dataset'] == 'gmm5x10' and js['runs'] == 2
+    small, one = js['results']['0.1'], js['results']['1']
+    assert [r['gen'] for r in small] == [0, 1, 2, 3] and all(r['n_runs'] == 2 for r in small)
+    assert len(small[3]['drift_pct']['runs']) == 2
+    # generation 1 (KDE of real data, q_0 = p_data) is shared by all alphas
+    assert small[1]['drift_pct'] == one[1]['drift_pct']
+    wv = [r['within_var']['mean'] for r in small]
+    assert abs(wv[0] - 0.36) < 0.05                              # row 0: true data
+    assert wv[1] > wv[0] + 0.15 and wv[3] > wv[2] > wv[1] + 0.1  # the KDE adds h^2 every generation
+    # alpha = 1: every generation is a KDE of fresh data; nothing accumulates
+    w1 = [r['within_var']['mean'] for r in one]
+    assert abs(w1[3] - w1[1]) < 0.1 and wv[3] - w1[3] > 0.25
+    assert abs(np.mean([r['drift_pct']['mean'] for r in one[1:]]) - one[1]['closure_drift_pct']) < 15
+    # the closure: v_g = s^2 + h^2 (1 - (1 - alpha)^g) / alpha, and the same for E||x||^2 / D
+    assert abs(small[3]['closure_within_var'] - (0.36 + 0.36 * (1 - 0.9 ** 3) / 0.1)) < 1e-12
+    assert abs(one[2]['closure_within_var'] - 0.72) < 1e-12 and small[0]['closure_drift_pct'] == 0
+    assert abs(collapse.closure_drift_pct(0.1, 20, 0.6, 'gmm5x10') - 108.3) < 0.1
+    assert abs(collapse.closure_drift_pct(0.5, 20, 0.6, 'gmm5x10') - 24.7) < 0.1
+    assert abs(collapse.closure_drift_pct(0.9, 20, 0.6, 'gmm5x10') - 13.7) < 0.1
+    assert os.path.isfile(os.path.join(out, 'collapse.png'))
+    assert '| gen | alpha 0.1 | closure | alpha 1 | closure |' in capsys.readouterr().out
+    # resumable: stored generations are not redone, more generations extend them
+    files = [os.path.join(dp, f) for dp, _, fs in os.walk(out) for f in fs if f.endswith('.npz')]
+    mtimes = {p: os.stat(p).st_mtime_ns for p in files}
+    res2 = collapse.main([v if v != '3' else '4' for v in KDE] + ['--alphas', '0.1', '--out-dir', out])
+    assert {p: os.stat(p).st_mtime_ns for p in files} == mtimes
+    assert res2['results']['0.1'][:4] == res['results']['0.1'] and len(res2['results']['0.1']) == 5
+    with pytest.raises(SystemExit, match='bandwidth'):             # a run-defining flag changed
+        collapse.main(KDE + ['--bandwidth', '0.5', '--out-dir', out])
+
+
+@pytest.mark.parametrize('argv, msg', [
+    (['--bandwidth', '0'], 'bandwidth must be a positive'),
+    (['--bandwidth', '-1'], 'bandwidth must be a positive'),
+    (['--dataset', 'cifar10'], 'needs a toy data set'),
+    (['--n-samples', '100'], 'n-samples'),
+    (['--t0', '5'], 't0'),
+])
+def test_kde_bad_input_one_line_errors(argv, msg, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        collapse.parse_args(KDE + argv + ['--out-dir', str(tmp_path)])
+    assert str(e.value).startswith('error: ') and msg in str(e.value) and '\n' not in str(e.value)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import collapse
+import kde
 import data as D
 import runtime as R
 import train
@@ -92,14 +93,14 @@ KDE = ['--score', 'kde', '--n-train', '200', '--generations', '3', '--steps', '2
 def test_kde_score_is_the_gradient_of_the_diffused_kde():
     g = torch.Generator().manual_seed(0)
     X = D.sample_toy('gmm5x10', 50, g).double()
-    sched = collapse.VPSchedule(4.0, 0.1, 20.0)
+    sched = kde.VPSchedule(4.0, 0.1, 20.0)
     for t in (0.02, 0.5, 2.0):
         m, s2 = sched.m_s2(t)
         x = (m * D.sample_toy('gmm5x10', 6, g).double() + 0.7 * torch.randn(6, 10, generator=g,
                                                                              dtype=torch.float64))
         x.requires_grad_(True)
-        grad, = torch.autograd.grad(collapse.kde_log_density(x, X, m, s2, 0.6).sum(), x)
-        score = collapse.kde_score(x.detach(), X, m, s2, 0.6, chunk=100)   # chunks of 2 rows
+        grad, = torch.autograd.grad(kde.kde_log_density(x, X, m, s2, 0.6).sum(), x)
+        score = kde.kde_score(x.detach(), X, m, s2, 0.6, chunk=100)   # chunks of 2 rows
         assert score.dtype == torch.float64
         torch.testing.assert_close(score, grad, rtol=1e-10, atol=1e-10)
     # m(t), s(t)^2 of the linear schedule: B(4) = 0.1 * 4 + 19.9 * 16 / 8
@@ -128,9 +129,9 @@ def test_kde_protocol_over_disperses_and_fresh_data_holds_it(tmp_path, capsys):
     # the closure: v_g = s^2 + h^2 (1 - (1 - alpha)^g) / alpha, and the same for E||x||^2 / D
     assert abs(small[3]['closure_within_var'] - (0.36 + 0.36 * (1 - 0.9 ** 3) / 0.1)) < 1e-12
     assert abs(one[2]['closure_within_var'] - 0.72) < 1e-12 and small[0]['closure_drift_pct'] == 0
-    assert abs(collapse.closure_drift_pct(0.1, 20, 0.6, 'gmm5x10') - 108.3) < 0.1
-    assert abs(collapse.closure_drift_pct(0.5, 20, 0.6, 'gmm5x10') - 24.7) < 0.1
-    assert abs(collapse.closure_drift_pct(0.9, 20, 0.6, 'gmm5x10') - 13.7) < 0.1
+    assert abs(kde.closure_drift_pct(0.1, 20, 0.6, 'gmm5x10') - 108.3) < 0.1
+    assert abs(kde.closure_drift_pct(0.5, 20, 0.6, 'gmm5x10') - 24.7) < 0.1
+    assert abs(kde.closure_drift_pct(0.9, 20, 0.6, 'gmm5x10') - 13.7) < 0.1
     assert os.path.isfile(os.path.join(out, 'collapse.png'))
     assert '| gen | alpha 0.1 | closure | alpha 1 | closure |' in capsys.readouterr().out
     # resumable: stored generations are not redone, more generations extend them

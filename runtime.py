@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 import data as D
 from diffusion import Diffusion
+from mmd import KERNELS
 from model import build_model, is_diffusers_folder, load_diffusers_unet
 
 
@@ -58,7 +59,7 @@ PRESETS = {   # per data set: what the command line leaves open
 MNIST14_FLAGS = ['--model', 'tiny', '--image-size', '14', '--batch-size', '64', '--warmup', '200',
                  '--ema-decay', '0.995']
 CHOICES = dict(dataset=D.DATASETS, sigma=('beta', 'posterior'), loss=('eps', 'ip', 'sa'),
-               reg_kernel=('gaussian', 'laplace', 'imq', 'multigauss'), reg_stat=('mmd', 'mmd2'),
+               reg_kernel=KERNELS, reg_stat=('mmd', 'mmd2'),
                reg_grad=('full', 'last'), reg_norm=('mean1', 'sum1'), reg_weight=('exp', 'uniform'),
                dtype=('fp32', 'bf16'))
 NONE_TYPES = dict(image_size=int, model=str, dropout=float, beta_1=float, beta_T=float, reg_rho=float,
@@ -125,8 +126,6 @@ def check_config(cfg):
         fail(f"--reg-steps S needs --reg and --reg-L <= S <= T={cfg['T']}")
     if cfg['reg'] and cfg['batch_size'] < 4:
         fail('--reg splits the batch in two halves for MMD: use --batch-size >= 4')
-    if cfg['resume'] and cfg['init_from']:
-        fail('--resume continues a run; --init-from starts a new one: pass only one')
     if cfg['lr'] < 0 or cfg['grad_clip'] <= 0 or not 0 <= cfg['ema_decay'] < 1:
         fail('need --lr >= 0, --grad-clip > 0 and 0 <= --ema-decay < 1')
 

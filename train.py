@@ -298,7 +298,8 @@ def main(argv=None):
             g = torch.Generator(device).manual_seed(cfg['seed'])   # fp32: no bf16 drift in the chain
             s = diff.sample(ema, (cfg['n_preview'], *shape), steps=cfg.get('preview_steps'), generator=g,
                             device=device)
-            R.save_preview(s, D.to_model_space(data[:cfg['n_preview']]), os.path.join(out, f'samples_{step:07d}.png'))
+            R.save_preview(s, D.to_model_space(data[:cfg['n_preview']]),
+                           os.path.join(out, f'samples_{step:07d}.png'))
     if master:
         log.close()
         print(f'done: {step} steps; checkpoint {ckpt_path}')
@@ -315,8 +316,9 @@ def stop_if_diverged(first_bad, world, loss, gnorm, ckpt_path, saved_step):
         return
     kept = f'{ckpt_path} keeps step {saved_step}' if saved_step else 'no checkpoint was written'
     R.teardown()
-    R.fail(f'non-finite loss or gradient norm at step {int(bad)} (last: loss {float(loss.detach()):.4g}, grad norm '
-           f'{float(gnorm):.4g}); stopped, {kept}: try a lower --lr, a smaller --grad-clip, or --dtype fp32')
+    R.fail(f'non-finite loss or gradient norm at step {int(bad)} (last: loss {float(loss.detach()):.4g}, '
+           f'grad norm {float(gnorm):.4g}); stopped, {kept}: try a lower --lr, a smaller --grad-clip, '
+           f'or --dtype fp32')
 
 
 if __name__ == '__main__':

@@ -4,7 +4,8 @@ sampler that uses it; and the third-party analytic closure of that setting. coll
 runs the protocol.
 
 The model's score at diffusion time t is the EXACT score of the forward-diffused KDE: under the VP
-SDE dx = -beta(t) x / 2 dt + sqrt(beta(t)) dW, x_t = m(t) x_0 + s(t) eps with m = exp(-B/2), s^2 = 1 - exp(-B), B(t) = int_0^t beta, the KDE
+SDE dx = -beta(t) x / 2 dt + sqrt(beta(t)) dW, x_t = m(t) x_0 + s(t) eps with m = exp(-B/2),
+s^2 = 1 - exp(-B), B(t) = int_0^t beta, the KDE
 (1/n) sum_i N(x_i, h^2 I) diffuses to (1/n) sum_i N(m x_i, (m^2 h^2 + s^2) I), whose score is
 (m sum_i w_i x_i - x) / (m^2 h^2 + s^2), w = softmax_i(-||x - m x_i||^2 / (2 (m^2 h^2 + s^2))), computed
 exactly in row chunks (N x n distances per step). beta(t) = beta_min + (beta_max - beta_min) t / T is

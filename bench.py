@@ -6,6 +6,7 @@ the regulariser's gradient against the eps-MSE gradient on a trained model.
     python bench.py --what reg --batch-size 128 --k both --json reg.json
     python bench.py --what methods --flags "--dataset 8gaussians" --variant vanilla= "ip=--loss ip"
     python bench.py --what reg-grad --ckpt out/8gaussians
+    python bench.py --what compare --compare 06936f2 --model cifar10 --batch-size 8 --reps 5
 
 Every timing runs train.py's own step (train.local_batch, train.compute_loss, then
 train.optimizer_step: backward, clip, Adam, EMA), imported from train.py for that purpose.
@@ -22,12 +23,18 @@ import argparse
 import contextlib
 import copy
 import ctypes
+import glob
+import importlib
+import io
 import os
 import platform
 import resource
 import shlex
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 
 import torch
@@ -115,26 +122,33 @@ def count_flops(cfg, dev):
     return fwd.get_total_flops() / n, (fwd.get_total_flops() + bwd.get_total_flops()) / n
 
 
-def make_step(cfg, data, dev, dtype, compile_):
-    """train.py's step for config cfg on `data`: returns (step(i, cfg, fixed_k) -> stats, n_params).
-    One network and optimiser serve every cfg passed later (same model, other losses)."""
+def make_step(cfg, data, dev, dtype, compile_, mods=None, state=None):
+    """train.py's step for config cfg on `data`: returns (step(i, cfg, fixed_k) -> stats, network).
+    One network and optimiser serve every cfg passed later (same model, other losses). mods: another
+    tree's modules (import_tree), built from what it has (runtime.make_diffusion, or diffusion.Diffusion
+    before runtime.py existed); state: initial weights to load."""
+    T, Rm, mods = (mods['train'], mods.get('runtime'), mods) if mods else (train, R, sys.modules)
     torch.manual_seed(R.seed_of(cfg['seed'], 'init'))
-    raw = build_model(cfg['model'], tuple(data.shape[1:]), **R.model_overrides(cfg)).to(
-        dev, memory_format=torch.channels_last if cfg.get('channels_last') else torch.preserve_format)
+    raw = mods['model'].build_model(cfg['model'], tuple(data.shape[1:]),
+                                    **({} if cfg.get('dropout') is None else dict(dropout=cfg['dropout'])))
+    if state is not None:
+        raw.load_state_dict(state)
+    raw.to(dev, memory_format=torch.channels_last if cfg.get('channels_last') else torch.preserve_format)
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
     opt = torch.optim.Adam(raw.parameters(), lr=cfg['lr'])
     model = torch.compile(raw) if compile_ else raw
-    diff = R.make_diffusion(cfg, dev)
+    diff = (Rm.make_diffusion(cfg, dev) if hasattr(Rm, 'make_diffusion') else
+            mods['diffusion'].Diffusion(cfg['T'], cfg['beta_1'], cfg['beta_T'], cfg['sigma'], dev))
     amp = torch.autocast(dev.split(':')[0], torch.bfloat16) if dtype == 'bf16' else contextlib.nullcontext()
 
     def step(i, cfg=cfg, fixed_k=None):
         torch.manual_seed(R.seed_of(cfg['seed'], 'dropout', i))   # as train.py
-        x0 = train.local_batch(data, cfg, i, 0, 1, dev)
+        x0 = T.local_batch(data, cfg, i, 0, 1, dev)
         with amp:
-            loss, stats = train.compute_loss(model, diff, x0, cfg, i, fixed_k=fixed_k)
-        train.optimizer_step(loss, raw, opt, ema, cfg)
-        return stats
-    return step, sum(p.numel() for p in raw.parameters())
+            loss, stats = T.compute_loss(model, diff, x0, cfg, i, fixed_k=fixed_k)
+        T.optimizer_step(loss, raw, opt, ema, cfg)
+        return dict(stats, loss=loss.detach())
+    return step, raw
 
 
 def image_config(a, name, extra=()):
@@ -183,7 +197,8 @@ def bench_train(a, dev):
         for dtype in a.dtype:
             for comp in ([False, True] if a.compile else [False]):
                 m0 = mem_start(dev)   # before the model: weights, Adam state and EMA count too
-                step, n = make_step(cfg, random_images(4 * cfg['batch_size'], dev), dev, dtype, comp)
+                step, net = make_step(cfg, random_images(4 * cfg['batch_size'], dev), dev, dtype, comp)
+                n = sum(p.numel() for p in net.parameters())
                 for i in range(a.warmup + 2 * comp):   # compile traces on its first calls
                     step(i)
                 sync(dev)
@@ -199,7 +214,7 @@ def bench_train(a, dev):
                                  peak_mem_MB=mem_peak_mb(dev, m0), gflop_fwd_img=fwd / 1e9,
                                  gflop_fwdbwd_img=fwdbwd / 1e9, tflop_s=fwdbwd * img_s / 1e12,
                                  mfu=fwdbwd * img_s / (peak * 1e12) if peak else None))
-                del step
+                del step, net
     return rows
 
 
@@ -265,6 +280,75 @@ def bench_errprop(a, dev):
     return rows
 
 
+PROJECT = ('model', 'diffusion', 'mmd', 'data', 'train', 'runtime', 'quant', 'fid')
+
+
+def import_tree(ref, folder):
+    """The project's modules as of git ref `ref` (extracted into `folder`), imported beside the
+    current tree's: REF's train.py and what it imports of its own tree, under their usual names
+    while importing, then put aside and the current tree's modules restored. -> {name: module}"""
+    here = os.path.dirname(os.path.abspath(__file__))
+    tar = subprocess.run(['git', '-C', here, 'archive', ref], capture_output=True)
+    if tar.returncode:
+        raise ValueError(f'--compare {ref}: git archive failed: {tar.stderr.decode().strip()}')
+    with tarfile.open(fileobj=io.BytesIO(tar.stdout)) as t:
+        t.extractall(folder, **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))
+    names = set(PROJECT) | {os.path.basename(f)[:-3] for f in glob.glob(os.path.join(folder, '*.py'))}
+    saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+    sys.path.insert(0, folder)
+    try:
+        importlib.import_module('train')
+        return {n: sys.modules[n] for n in names if n in sys.modules}
+    finally:
+        sys.path.remove(folder)
+        for n in names:
+            sys.modules.pop(n, None)
+        sys.modules.update(saved)
+
+
+def bench_compare(a, dev):
+    """--compare REF: REF's training step against this tree's, interleaved (each repetition runs
+    a.iters steps of both, in alternating order), same config, data and initial weights.
+    ratio = REF time / this tree's time per repetition (> 1: this tree is faster). The losses of a
+    step agree when both trees draw a step's t, noise and batch alike (not so before runtime.py)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        ref = import_tree(a.compare, folder)
+        conf = ref['runtime'] if hasattr(ref.get('runtime'), 'parse_config') else ref['train']
+        for name in a.model or ['small', 'cifar10']:
+            cfg = image_config(a, name)   # --channels-last for REF only if REF has it
+            cl = ['--channels-last'] if a.channels_last and 'channels_last' in conf.CONFIG else []
+            ref_cfg = conf.parse_config(['--dataset', 'cifar10', '--model', name, '--batch-size',
+                                         str(cfg['batch_size'])] + cl)[0]
+            data = random_images(4 * cfg['batch_size'], dev)
+            for dtype in a.dtype:
+                s_cur, net = make_step(cfg, data, dev, dtype, a.compile)
+                s_ref = make_step(ref_cfg, data, dev, dtype, a.compile, ref, net.state_dict())[0]
+                steps = {'ref': s_ref, 'cur': s_cur}
+                for i in range(a.warmup + 2 * a.compile):
+                    for s in steps.values():
+                        s(i)
+                times, losses = {'ref': [], 'cur': []}, {'ref': [], 'cur': []}
+                for rep in range(a.reps):
+                    for who in (('ref', 'cur') if rep % 2 == 0 else ('cur', 'ref')):
+                        sync(dev)
+                        t0 = time.perf_counter()
+                        losses[who] += [steps[who](10_000 + rep * a.iters + i)['loss']
+                                        for i in range(a.iters)]
+                        sync(dev)
+                        times[who].append((time.perf_counter() - t0) / a.iters)
+                    if a.verbose:
+                        print(f"rep {rep + 1}/{a.reps}: {a.compare} {1e3 * times['ref'][-1]:.1f} ms, "
+                              f"current {1e3 * times['cur'][-1]:.1f} ms", flush=True)
+                ratio = [r / c for r, c in zip(times['ref'], times['cur'])]
+                rel = [abs(float(r - c)) / max(abs(float(c)), 1e-12) for r, c in zip(losses['ref'], losses['cur'])]
+                rows.append(dict(model=name, batch=cfg['batch_size'], dtype=dtype, channels_last=cfg['channels_last'],
+                                 ref_s_per_step=statistics.median(times['ref']),
+                                 cur_s_per_step=statistics.median(times['cur']), ratio=statistics.median(ratio),
+                                 ratio_min=min(ratio), ratio_max=max(ratio), loss_max_rel_diff=max(rel)))
+    return rows
+
+
 def bench_reg_grad(a, dev):
     """How strong is the regulariser? |grad of lambda_reg w_r L_reg| / |grad of lambda_nll L_nll|
     on --ckpt's EMA model with its own settings plus --reg at the paper's values, over a.batches
@@ -299,7 +383,7 @@ def show(title, rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--what', default='all', choices=('train', 'reg', 'errprop', 'methods', 'reg-grad', 'all'),
+    p.add_argument('--what', default='all', choices=('train', 'reg', 'errprop', 'methods', 'reg-grad', 'compare', 'all'),
                    help='all = train, reg and errprop')
     p.add_argument('--model', nargs='+', help='train: these configs (default small cifar10); '
                    'reg, errprop: the first one (default small on CPU, cifar10 on GPU)')
@@ -312,12 +396,14 @@ def main(argv=None):
     p.add_argument('--threads', type=int, help="torch.set_num_threads (default: torch's own choice)")
     p.add_argument('--dtype', nargs='+', choices=('fp32', 'bf16'), help='default GPU fp32 bf16, CPU fp32')
     p.add_argument('--compile', action=argparse.BooleanOptionalAction, help='default: on for GPU')
-    p.add_argument('--channels-last', action='store_true', help='train, reg: channels_last U-Net (train.py --channels-last)')
+    p.add_argument('--channels-last', action='store_true', help='train, reg, compare: channels_last U-Net (train.py --channels-last)')
     p.add_argument('--reg-L', type=int, nargs='+', default=[1, 3, 5, 7, 9])
     p.add_argument('--k', choices=('random', 'mean', 'both'), help='reg: k ~ U{1..L} as in training '
                    'and/or k fixed at (L+1)/2; default GPU random, CPU mean')
     p.add_argument('--flags', default='', help='methods: train.py flags common to every variant')
     p.add_argument('--variant', nargs='+', default=[], help='methods: NAME=FLAGS (the first is the reference)')
+    p.add_argument('--compare', metavar='REF', help="compare: this tree's training step against git ref "
+                   'REF (e.g. 06936f2, HEAD), interleaved; --channels-last applies to REF only if it has it')
     p.add_argument('--ckpt', help='reg-grad: the trained run')
     p.add_argument('--batches', type=int, default=12, help='reg-grad: training batches')
     p.add_argument('--n', type=int, default=1000, help='errprop: N = M samples')
@@ -343,6 +429,8 @@ def main(argv=None):
         R.fail('--iters, --reps, --reg-L must be >= 1, --warmup >= 0, --batch-size and --n >= 4')
     if a.what == 'methods' and not a.variant:
         R.fail('--what methods needs --variant NAME=FLAGS (one or more)')
+    if (a.what == 'compare') != bool(a.compare):
+        R.fail('--what compare and --compare REF go together')
     if a.what == 'reg-grad' and not a.ckpt:
         R.fail('--what reg-grad needs --ckpt RUN')
     if a.json:
@@ -379,6 +467,11 @@ def main(argv=None):
         out['errprop'] = bench_errprop(a, dev)
         show('errprop: one chain step of errprop_curve = p_step on N, then q_sample + MMD^2 (3 kernels, '
              'U-statistic) on N = M; T1000_total_min = projected whole T = 1000 run', out['errprop'])
+    if a.what == 'compare':
+        out['compare'] = bench_compare(a, dev)
+        show(f'compare: {a.compare} vs the working tree, {a.reps} interleaved reps x {a.iters} steps (order '
+             f'alternating), {a.warmup} warm-up; ratio = {a.compare} time / current time per rep: median, min, max; '
+             f'loss_max_rel_diff: the two losses of the same step', out['compare'])
     if a.what == 'reg-grad':
         out['reg_grad'] = bench_reg_grad(a, dev)
         r = out['reg_grad']

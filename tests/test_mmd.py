@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from diffusion import Diffusion
-from mmd import (KERNELS, chunked, consistency_reg, errprop_curve, kernel_matrices, mmd, mmd2,
-                 reg_weight)
+from mmd import (KERNELS, chunked, consistency_reg, errprop_curve, kernel_matrices,
+                 kernel_matrices_many, kth_smallest, mmd, mmd2, reg_weight)
 from model import build_model
 
 
@@ -122,6 +122,69 @@ def test_bandwidth_is_detached(kernel):
     (k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()).backward()
     assert x.grad.abs().max() > 1e-4
     assert torch.allclose(x.grad.double(), x2.grad, rtol=1e-3, atol=1e-6)
+
+
+# ---- the optimised kernel matrices against the plain implementation they replaced ---------------
+
+def plain_kernel_matrices_many(x, y, kernels):
+    """mmd.kernel_matrices_many as of commit 2539746: full median, one exp per term, no in-place."""
+    x, y = x.flatten(1).float(), y.flatten(1).float()
+    z = torch.cat([x, y])
+    n, off = len(x), ~torch.eye(len(z), dtype=torch.bool)
+    d2 = (z.pow(2).sum(1, keepdim=True) + z.pow(2).sum(1)[None] - 2.0 * z @ z.T).clamp(min=0) * off
+    with torch.no_grad():
+        h_med = d2[off].median().clamp(min=1e-12)
+        h_mean = d2[off].mean().clamp(min=1e-12)
+    out = {}
+    for kernel in kernels:
+        if kernel == 'gaussian':
+            k = torch.exp(-d2 / (2 * h_med))
+        elif kernel == 'laplace':
+            k = torch.exp(-(d2.clamp(min=1e-12).sqrt() * off) / h_med.sqrt())
+        elif kernel == 'imq':
+            k = (1 + d2 / h_med).rsqrt()
+        else:
+            k = sum(torch.exp(-d2 / (h_mean * 2.0 ** i)) for i in range(-2, 3))
+        out[kernel] = (k[:n, :n], k[n:, n:], k[:n, n:])
+    return out
+
+
+@pytest.mark.parametrize('ties', [False, True])
+def test_kernel_matrices_equal_plain_implementation(ties):
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(9, 2, 2, generator=g), torch.randn(11, 2, 2, generator=g) + 0.2
+    if ties:   # duplicate points (zero off-diagonal distances), tied distances, repeated rows
+        x[3], y[5], y[6] = x[0], x[0], y[2]
+        x[4], y[7] = x[1] + 1.0, x[1] - 1.0
+    for grad in (False, True):
+        xs = [x.clone().requires_grad_(grad) for _ in range(2)]
+        new = kernel_matrices_many(xs[0], y, KERNELS)
+        ref = plain_kernel_matrices_many(xs[1], y, KERNELS)
+        total_new = total_ref = 0
+        for kern in KERNELS:
+            for a, b in zip(new[kern], ref[kern]):
+                assert a.requires_grad == grad
+                assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), (kern, grad, (a - b).abs().max())
+                if kern != 'multigauss':   # the same ops on the same distances: bit for bit
+                    assert torch.equal(a, b), (kern, grad)
+            w = torch.linspace(0.5, 1.5, 3)   # any smooth function of all three blocks
+            total_new = total_new + sum(wi * blk.sin().sum() for wi, blk in zip(w, new[kern]))
+            total_ref = total_ref + sum(wi * blk.sin().sum() for wi, blk in zip(w, ref[kern]))
+        if grad:
+            total_new.backward()
+            total_ref.backward()
+            assert torch.isfinite(xs[0].grad).all()
+            assert torch.allclose(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-6)
+
+
+def test_kth_smallest_selection_path_equals_kthvalue():
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(300_000, generator=g).abs()
+    v[::7] = 0.5                       # many ties, some of them at the answer
+    for k in (1, 1000, 150_000, 150_001, 299_999, 300_000):
+        assert kth_smallest(v, k).item() == v.kthvalue(k).values.item()
+    v[::v.numel() // 16384] = 1e3      # the strided subsample sees only these: its bracket misses,
+    assert kth_smallest(v, 123_456).item() == v.kthvalue(123_456).values.item()   # the fallback
 
 
 # ---- w_r of Eq. (14) ----------------------------------------------------------------------------

@@ -248,7 +248,8 @@ def run_quanterr(a):
                                            comps=a.comp, windows=a.window, overhead_reps=a.overhead_reps,
                                            **chain)
         for k in r['comps']:
-            final = f"PSNR {r['psnr'][k]:.2f} dB" if image else f"RMS(t=0) {r['rms0'][k]:.4g}"
+            final = (f"PSNR {r['psnr'][k]:.2f} dB" if image else f"RMS(t=0) {r['rms0'][k]:.4g}") + \
+                f"; median distance(t=0) {r['med0'][k]:.4g}"
             mean = sum(r['err'][k]) / len(r['err'][k])
             over = f"; time {100 * r['overhead'][k]:+.1f} %" if k in r.get('overhead', {}) else ''
             print(f"{spec} {k:>15}: {final}; RMS mean over t {mean:.4g}; D_MMD(0) {r['mmd0'][k]:.4g}{over}")

@@ -411,21 +411,27 @@ def _sync(device):
 
 
 @torch.no_grad()
-def time_overhead(nets, diff, x, seed=0, reps=5, device='cpu', **chain):
+def time_overhead(nets, diff, x, seed=0, reps=5, device='cpu', min_time=0.1, **chain):
     """{key: median over reps of time(chain with nets[key]) / time(chain with nets['none']) - 1}:
     whole sampling chains from the same x_T and noise, the variants interleaved within every rep
-    (their order rotated), one untimed warm-up rep first."""
+    (their order rotated), after one untimed warm-up rep. A timed unit repeats the chain as often as
+    the warm-up says it takes for the plain quantised chain to run min_time seconds (tiny models)."""
     keys = list(nets)
+
+    def run(k, inner):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            diff.sample_chain(nets[k], x, noise=torch.Generator(device).manual_seed(seed), **chain)
+        _sync(device)
+        return time.perf_counter() - t0
+    for k in keys:   # warm-up
+        run(k, 1)
+    inner = max(1, math.ceil(min_time / max(run('none', 1), 1e-9)))
     times = {k: [] for k in keys}
-    for rep in range(reps + 1):
+    for rep in range(reps):
         for k in keys[rep % len(keys):] + keys[:rep % len(keys)]:
-            g = torch.Generator(device).manual_seed(seed)
-            _sync(device)
-            t0 = time.perf_counter()
-            diff.sample_chain(nets[k], x, noise=g, **chain)
-            _sync(device)
-            if rep:
-                times[k].append(time.perf_counter() - t0)
+            times[k].append(run(k, inner))
     base = times['none']
     return {k: float(torch.tensor([a / b for a, b in zip(times[k], base)]).median()) - 1.0
             for k in keys if k != 'none'}
@@ -438,7 +444,8 @@ def quanterr(model, diff, x0_real, spec, calib=None, n=256, seed=0, device='cpu'
     windows)) in lockstep from the same x_T and the same noise z_t: one batch through sample_chain,
     each part through its own network, the noise of n drawn once and repeated (so the FP part equals
     diff.sample). Records at every visited t the RMS distance of each to FP ('err'); at t = 0 the RMS
-    ('rms0') and, for images, the PSNR against FP ('psnr': images in [-1, 1] mapped to [0, 1],
+    ('rms0'), the median over samples of the distance to FP ('med0'; a few runaway chains dominate
+    the RMS) and, for images, the PSNR against FP ('psnr': images in [-1, 1] mapped to [0, 1],
     10 log10(1 / MSE), mean over images); D_MMD(0) of each against x0_real (signed sqrt of the
     unbiased MMD^2, as errprop_curve); with overhead_reps > 0 the sampling-time overhead of every
     compensation against 'none' (time_overhead)."""
@@ -470,6 +477,8 @@ def quanterr(model, diff, x0_real, spec, calib=None, n=256, seed=0, device='cpu'
     noise = lambda sh: torch.randn((sh[0] // P, *sh[1:]), generator=g, device=device).repeat(P, *reps)   # noqa: E731
     xs = diff.sample_chain(lockstep, x.repeat(P, *reps), noise=noise, callback=record, **chain).chunk(P)
     out['rms0'] = {k: out['err'][k][-1] for k in keys}
+    # the RMS is dominated by the few chains that run away; the median sample's distance is not
+    out['med0'] = {k: (xi - xs[0]).flatten(1).norm(dim=1).median().item() for k, xi in zip(keys, xs[1:])}
     if len(shape) == 3:
         out['psnr'] = {k: psnr(xi, xs[0]) for k, xi in zip(keys, xs[1:])}
     real = x0_real.to(device)

@@ -177,10 +177,13 @@ def test_image_model_per_channel_correction():
     assert calib['correction'].shape == (5, 3, 2) and calib['n_traj'] == 1
     assert len(calib['act_scales']) == sum(isinstance(x, (torch.nn.Conv2d, torch.nn.Linear)) for x in m.modules())
     r = quant.quanterr(m, diff, torch.rand(4, 3, 8, 8) * 2 - 1, 'w4a8', calib, n=4, seed=0, batch_size=2,
-                       comps=('affine', 'cumulative'), windows=(1, 'S'), sampler='ddim', steps=3)
+                       comps=('affine', 'cumulative'), windows=(1, 'S'), sampler='ddim', steps=3,
+                       overhead_reps=2)
     assert r['t'] == [5, 3, 2, 0] and r['comps'] == ['none', 'affine', 'cumulative_m1', 'cumulative_m3']
     assert all(math.isfinite(v) for e in r['err'].values() for v in e)
     assert set(r['psnr']) == set(r['comps']) and all(math.isfinite(v) and v > 0 for v in r['psnr'].values())
+    assert set(r['overhead']) == set(r['comps'][1:]) and all(math.isfinite(v) for v in r['overhead'].values())
+    assert all(v >= 0 for v in r['med0'].values())
 
 
 # ---- w4a4: group-wise weights ----------------------------------------------------------------------

@@ -222,10 +222,16 @@ def run_fid(a):
 
 # ---- quanterr: quantised vs full-precision chains (seed 002) -----------------------------------
 def run_quanterr(a):
-    for s in a.quant:
-        quant.parse_spec(s)
+    try:
+        for s in a.quant:
+            quant.parse_spec(s)
+        quant.comp_keys(a.comp, a.window, 10 ** 9)   # names and windows, before anything long starts
+    except ValueError as e:
+        R.fail(str(e))
     if a.n < 2:
         R.fail('--n must be >= 2 (unbiased MMD)')
+    if a.overhead_reps < 0:
+        R.fail('--overhead-reps must be >= 0 (0: no timing)')
     device = start(a, '.json', '.png')
     model, diff, cfg = R.load_checkpoint(a.ckpt, device)
     shape, chain = tuple(cfg['data_shape']), R.chain_kwargs(a, diff)
@@ -233,19 +239,31 @@ def run_quanterr(a):
         x0 = D.sample_toy(cfg['dataset'], a.n, torch.Generator().manual_seed(a.seed + 1))
     else:
         x0 = real_examples(cfg, a.n, a.seed + 1, a.data_dir)
+    image = len(shape) == 3
     results = {}
     for spec in a.quant:
         c = quant.get_calibration(model, diff, shape, spec, a.ckpt, a.calib_traj, a.calib_batch,
-                                  a.recalibrate, device, a.fit, **chain)
+                                  a.recalibrate, device, **chain)
         r = results[spec] = quant.quanterr(model, diff, x0, spec, c, a.n, a.seed, device, batch_size=a.chunk,
+                                           comps=a.comp, windows=a.window, overhead_reps=a.overhead_reps,
                                            **chain)
-        m = r['mmd0']
-        print(f"{spec}: traj RMS at t=0 Q={r['err_q'][-1]:.4g} Q+comp={r['err_qc'][-1]:.4g}; "
-              f"D_MMD(0) FP={m['fp']:.4g} Q={m['q']:.4g} Q+comp={m['qc']:.4g}")
-    R.write_json(a.out + '.json', dict(ckpt=a.ckpt, n=a.n, seed=a.seed, fit=a.fit, **chain_settings(a, diff),
+        for k in r['comps']:
+            final = (f"PSNR {r['psnr'][k]:.2f} dB" if image else f"RMS(t=0) {r['rms0'][k]:.4g}") + \
+                f"; median distance(t=0) {r['med0'][k]:.4g}"
+            mean = sum(r['err'][k]) / len(r['err'][k])
+            over = f"; time {100 * r['overhead'][k]:+.1f} %" if k in r.get('overhead', {}) else ''
+            print(f"{spec} {k:>15}: {final}; RMS mean over t {mean:.4g}; D_MMD(0) {r['mmd0'][k]:.4g}{over}")
+        print(f"{spec} {'fp':>15}: D_MMD(0) {r['mmd0']['fp']:.4g}")
+    final = ('PSNR of the final samples against FP from the same noise: images in [-1, 1] mapped to '
+             '[0, 1], 10 log10(1 / MSE), mean over images' if image else
+             'vector data: RMS distance of the final samples to FP from the same noise (rms0), no PSNR')
+    R.write_json(a.out + '.json', dict(ckpt=a.ckpt, n=a.n, seed=a.seed, comp=a.comp, window=a.window,
+                                       final_metric=final, overhead_reps=a.overhead_reps,
+                                       overhead='median over reps of time(comp) / time(none) - 1, whole '
+                                                'chains interleaved', **chain_settings(a, diff),
                                        results=results))
     quant.plot_quanterr(results, a.out + '.png')
-    print(f'wrote {a.out}.json and {a.out}.png')
+    print(f'wrote {a.out}.json and {a.out}.png ({final})')
 
 
 def main(argv=None):
@@ -301,14 +319,22 @@ def main(argv=None):
     s.add_argument('--m', type=int, default=1000, help='held-out real examples')
     s.set_defaults(run=run_es_search, out='es_search')
 
-    q = sub.add_parser('quanterr', help='trajectory error of W8A8 / W4A8 sampling, with and without '
-                                        'timestep-aware compensation')
+    q = sub.add_parser('quanterr', help='trajectory error of W8A8 / W4A8 / W4A4 sampling, with and without '
+                                        'error compensation')
     q.add_argument('--ckpt', required=True, help='run folder, ckpt.pt, or diffusers DDPM folder')
-    q.add_argument('--quant', nargs='+', default=list(quant.SPECS), help='specs, e.g. w8a8 w4a8')
+    q.add_argument('--quant', nargs='+', default=list(quant.SPECS),
+                   help='specs: w8a8, w4a8 (weights per output channel), w4a4 (weight groups of 64), '
+                        'wXaYgN (groups of N)')
     q.add_argument('--n', type=int, default=256, help='chains compared (and real samples for D_MMD)')
     q.add_argument('--calib-traj', type=int, help='calibration chains (default 4 x 64 toy, 2 x 16 images)')
     q.add_argument('--calib-batch', type=int)
-    q.add_argument('--fit', choices=quant.FITS, default='affine', help='correction per (t, channel)')
+    q.add_argument('--comp', nargs='+', default=['bias', 'affine', 'cumulative'], metavar='COMP',
+                   help=f'compensations compared with the plain quantised chain: {", ".join(quant.COMPS)} '
+                        '(bias / affine: per-step fits; cumulative: K_t error model, window --window)')
+    q.add_argument('--window', nargs='+', default=['1'], metavar='M',
+                   help="windows m of --comp cumulative, one result each: integers >= 1 or S (all steps)")
+    q.add_argument('--overhead-reps', type=int, default=5,
+                   help='timed reps of the sampling-time overhead per compensation (0: no timing)')
     q.add_argument('--recalibrate', action='store_true', help='ignore a stored quant_<spec>.pt')
     q.set_defaults(run=run_quanterr, out='quanterr')
 

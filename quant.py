@@ -1,19 +1,26 @@
 """Post-training quantised sampling and timestep-aware error compensation (seed 002; DESIGN.md Sec. 6).
 
 Fake quantisation (quantise-dequantise in float): weights of every nn.Conv2d / nn.Linear per output
-channel; their INPUT activations per tensor, with a scale frozen from an offline calibration. Every
-step of the quantised chain adds an error eps_q(x_t) - eps(x_t) that the backward chain (Eq. 16)
-carries on to x_0. The compensation is a per-(t, channel) map calibrated offline on full-precision
-trajectories, where both nets see the same x_t: by default (fit='affine') the least-squares
-eps ~ a_{t,c} eps_q + b_{t,c}; fit='bias' only subtracts the mean error E[eps_q(x_t) - eps(x_t)]
-(README.md measures both).
+channel (w4a4: per output channel and group of 64 along the input dimension, per channel where that
+dimension is < 64); their INPUT activations per tensor, with a scale frozen from an offline
+calibration (no SVDQuant-style low-rank branch: our W4A4 is plain per-tensor 4-bit activations).
+Every step of the quantised chain adds an error eps_q(x_t) - eps(x_t) that the chain carries on to x_0.
 
-    python evaluate.py quanterr --ckpt out/8gaussians --quant w8a8 w4a8
+Compensations, all calibrated offline on trajectories of the chain used for sampling (FP chains; at
+every visited t both nets see the same x_t), per (t, channel):
+  bias       : subtract the mean error E[eps_q - eps]                      (per step, ablation)
+  affine     : least squares eps ~ a eps_q + b                             (per step, ablation)
+  cumulative : the error model delta_t = eps_q - eps ~ K_t (.) eps_q (K by least squares, no
+               intercept) and the cumulative compensation over a window of m steps (seed 002's
+               scheme as reconstructed in DESIGN.md Sec. 6; CumulativeCompensated below).
+
+    python evaluate.py quanterr --ckpt out/8gaussians --quant w8a8 w4a8 w4a4 --comp none affine cumulative
 """
 import copy
 import math
 import os
 import re
+import time
 
 import torch
 import torch.nn as nn
@@ -21,16 +28,29 @@ import torch.nn as nn
 import runtime as R
 from mmd import chunked, mmd2, signed_sqrt
 
-SPECS = ('w8a8', 'w4a8')
-FITS = ('affine', 'bias')
+SPECS = ('w8a8', 'w4a8', 'w4a4')
+FITS = ('affine', 'bias', 'scale')
+COMPS = ('none', 'bias', 'affine', 'cumulative')
+W4A4_GROUP = 64
 
 
 def parse_spec(spec):
-    """'w8a8' -> (8, 8): weight bits, activation bits."""
-    m = re.fullmatch(r'w(\d+)a(\d+)', str(spec))
-    if not m or not all(2 <= int(b) <= 16 for b in m.groups()):
-        raise ValueError(f"quantisation spec must look like 'w8a8' or 'w4a8' (bits 2..16), got {spec!r}")
+    """'w8a8' -> (8, 8): weight bits, activation bits. An optional 'g<N>' suffix ('w4a8g64') sets a
+    weight group size; w4a4 means w4a4g64 (see weight_group)."""
+    m = re.fullmatch(r'w(\d+)a(\d+)(?:g(\d+))?', str(spec))
+    if not m or not all(2 <= int(b) <= 16 for b in m.groups()[:2]) or (m[3] and int(m[3]) < 1):
+        raise ValueError(f"quantisation spec must look like 'w8a8', 'w4a8', 'w4a4' or 'w4a8g64' "
+                         f"(bits 2..16, group >= 1), got {spec!r}")
     return int(m[1]), int(m[2])
+
+
+def weight_group(spec):
+    """Weight group size along the input dimension: the 'g<N>' suffix, 64 for plain w4a4, else None
+    (one scale per output channel)."""
+    m = re.fullmatch(r'w(\d+)a(\d+)(?:g(\d+))?', str(spec))
+    if m and m[3]:
+        return int(m[3])
+    return W4A4_GROUP if m and int(m[1]) <= 4 and int(m[2]) <= 4 else None
 
 
 def fake_quant(x, bits, dim=None, amax=None):
@@ -47,6 +67,20 @@ def fake_quant(x, bits, dim=None, amax=None):
         amax = x.detach().abs().amax(dim=other, keepdim=True) if other else x.detach().abs()
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
     return (x / scale).round().clamp(-qmax, qmax) * scale
+
+
+def fake_quant_groups(w, bits, group):
+    """Weights (out, in, ...) quantised with one scale per output channel and per group of `group`
+    consecutive entries of the flattened input dimension (in * kh * kw for a conv; the last group
+    may be shorter). Where that dimension is < group: per output channel (fake_quant dim=0)."""
+    flat = w.reshape(w.shape[0], -1)
+    k = flat.shape[1]
+    if k < group:
+        return fake_quant(w, bits, dim=0)
+    pad = (-k) % group
+    g = torch.nn.functional.pad(flat, (0, pad)).view(w.shape[0], -1, group)   # zero pad: no effect on max
+    return fake_quant(g, bits, dim=None, amax=g.detach().abs().amax(-1, keepdim=True)).reshape(
+        w.shape[0], -1)[:, :k].reshape(w.shape)
 
 
 class _ActQuant:
@@ -70,11 +104,13 @@ class _ActQuant:
 def _quantize_weights(model, spec, act_scales=None):
     """Deep copy with fake-quantised weights (biases stay float) and an _ActQuant hook per layer."""
     wbits, abits = parse_spec(spec)
+    group = weight_group(spec)
     q = copy.deepcopy(model).eval()
     for name, m in q.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             with torch.no_grad():
-                m.weight.copy_(fake_quant(m.weight, wbits, dim=0))
+                m.weight.copy_(fake_quant(m.weight, wbits, dim=0) if group is None
+                               else fake_quant_groups(m.weight, wbits, group))
             amax = None if act_scales is None else torch.tensor(act_scales[name], device=m.weight.device)
             m._act_quant = _ActQuant(abits, amax)
             m.register_forward_pre_hook(m._act_quant)
@@ -120,6 +156,85 @@ class CompensatedModel(nn.Module):
         return c[..., 0].view(view) * eps + c[..., 1].view(view)
 
 
+def chain_coefficients(diff, sampler='ddpm', steps=None, eta=0.0, eps_scale=None):
+    """[(t, t', a, b)] for every step of the chain sample_chain runs (full chain, T -> 0), in float64:
+    x_{t'} = a x_t + b eps_theta(x_t, t) (+ s z, the noise, the same in the chains compared).
+    DDIM: a = sqrt(abar_t' / abar_t), b = c - a sqrt(1 - abar_t), c = sqrt(1 - abar_t' - s^2)
+    (eta = 0: s = 0, c = sqrt(1 - abar_t')). Ancestral (respaced): alpha = abar_t / abar_t',
+    a = 1 / sqrt(alpha), b = -(1 - alpha) / (sqrt(alpha) sqrt(1 - abar_t)). Epsilon scaling
+    divides b by lambda_t."""
+    if sampler not in ('ddpm', 'ddim'):
+        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    ts = list(steps) if isinstance(steps, (list, tuple)) else diff.times(diff.T, 0, steps)
+    lam = diff._lambda(eps_scale, ts[:-1])
+    out = []
+    for t, tn in zip(ts[:-1], ts[1:]):
+        at, an = diff._abar64[t], diff._abar64[tn]
+        if sampler == 'ddim':
+            a = (an / at).sqrt()
+            s2 = eta ** 2 * (1 - an) / (1 - at) * (1 - at / an) if eta and tn > 0 else 0.0
+            b = (1 - an - s2).clamp(min=0).sqrt() - a * (1 - at).sqrt()
+        else:
+            alpha = at / an
+            a, b = 1 / alpha.sqrt(), -(1 - alpha) / (alpha.sqrt() * (1 - at).sqrt())
+        out.append((t, tn, float(a), float(b) / (1.0 if lam is None else float(lam[t]))))
+    return out
+
+
+class CumulativeCompensated(nn.Module):
+    """The error model delta_t = eps_q - eps ~ K_t (.) eps_q and the cumulative compensation over a
+    window of m steps, on the chain given by `chain` (sample_chain's sampler, steps, eta, eps_scale).
+
+    Step k of the chain (t_k -> t_k+1): x_{k+1} = a_k x_k + b_k eps (chain_coefficients). With J =
+    d eps / dx ~ 0 the quantised chain's error is E_{k+1} = sum_{j<=k} (prod_{r=j+1}^{k} a_r) d_j,
+    d_j = b_j K_j eps_q,j (the closed form). The compensated state is the quantised update minus the
+    estimate of the error accumulated over the last m steps, Ehat_{k+1} = sum_{j=k-m+1}^{k}
+    (prod_{r=j+1}^{k} a_r) d_j. The state entering step k already had Ehat_k removed, so step k removes
+    the increment Ehat_{k+1} - a_k Ehat_k = d_k - P_k d_{k-m}, P_k = prod_{r=k-m+1}^{k} a_r: the new
+    step's error, less the propagated term that leaves the window (no double counting). It is folded
+    into the network output, so that the one loop needs no callback:
+        eps_out = (1 - K_t) eps_q + P_k d_{k-m} / b_k.
+    m >= S (the full closed form): eps_out = (1 - K_t) eps_q, nothing cached. m = 1: the current
+    output and the cached previous one. Stateful: a call at the chain's first t starts a new chain;
+    calls must follow the chain's steps in order, one call per step with the whole batch (put any
+    chunking inside, around qmodel)."""
+
+    def __init__(self, qmodel, K, diff, window=1, **chain):
+        super().__init__()
+        if int(window) < 1:
+            raise ValueError(f'the compensation window m must be >= 1, got {window}')
+        self.qmodel = qmodel
+        self.register_buffer('K', K.float())
+        coef = chain_coefficients(diff, **chain)
+        self.S, self.m = len(coef), min(int(window), len(coef))
+        self.index = {t - 1: k for k, (t, _, _, _) in enumerate(coef)}   # the net sees t - 1
+        self.a = [c[2] for c in coef]
+        self.b = [c[3] for c in coef]
+        self.P = [math.prod(self.a[k - self.m + 1:k + 1]) if k >= self.m else 0.0 for k in range(self.S)]
+        self._cache, self._next = [], None
+
+    def forward(self, x, t):
+        ti = int(t.reshape(-1)[0]) if torch.is_tensor(t) else int(t)
+        if torch.is_tensor(t) and t.numel() > 1 and not bool((t == ti).all()):
+            raise ValueError('CumulativeCompensated needs one t per call (the chain steps all samples together)')
+        k = self.index.get(ti)
+        if k is None:
+            raise ValueError(f't = {ti + 1} is not a step of the chain this compensation was built for')
+        if k == 0:
+            self._cache, self._next = [], 0
+        if k != self._next:
+            raise ValueError(f'step {k} of the chain called out of order (expected {self._next})')
+        eps = self.qmodel(x, t)
+        K = self.K[ti].view(1, -1, *([1] * (x.dim() - 2)))
+        out = eps - K * eps
+        if self.m < self.S:   # the term leaving the window goes back
+            if k >= self.m:
+                out = out + (self.P[k] / self.b[k]) * self._cache.pop(0)
+            self._cache.append(self.b[k] * K * eps)   # d_k
+        self._next = k + 1 if k + 1 < self.S else None
+        return out
+
+
 def _channel_sums(a, b):
     """Per-channel sums over batch and positions of a, b, a*a, a*b, 1 -> (C, 5)."""
     C = a.shape[1]
@@ -131,8 +246,14 @@ def _channel_sums(a, b):
 def fit_correction(stats, fit='affine'):
     """Per-(t, c) correction from the calibration sums (T, C, 5) of _channel_sums.
     'bias': b = mean(eps_q - eps), (T, C), subtracted. 'affine': least squares eps ~ a eps_q + b,
-    (T, C, 2) = (a, b); it also undoes the part of the error that scales with eps_q."""
+    (T, C, 2) = (a, b); it also undoes the part of the error that scales with eps_q.
+    'scale': K (T, C) of the error model delta = eps_q - eps ~ K eps_q (least squares, no intercept:
+    K = sum(delta eps_q) / sum(eps_q^2)), regressed on eps_q because eps_q is what sampling sees;
+    the fitted 1 - K is the no-intercept affine a. Timesteps never visited: K = 0."""
     sq, sf, sqq, sqf, n = stats.double().unbind(-1)
+    if fit == 'scale':   # K of delta = eps_q - eps ~ K eps_q, least squares without intercept
+        return torch.where((n > 0) & (sqq > 1e-12), (sqq - sqf) / sqq.clamp(min=1e-12),
+                           torch.zeros_like(sq)).float()
     if fit == 'bias':   # timesteps the chain never visited (n = 0): no correction
         return torch.where(n > 0, (sq - sf) / n.clamp(min=1), torch.zeros_like(sq)).float()
     var = sqq / n - (sq / n) ** 2
@@ -236,67 +357,169 @@ def get_calibration(model, diff, shape, spec, ckpt_path, n_traj=None, batch=None
     return c
 
 
+def comp_keys(comps, windows=(1,), steps=None):
+    """--comp / --window -> result keys: 'none', 'bias', 'affine', 'cumulative_m<m>' (one per window;
+    a window 'S' or one >= S is the full closed form, m = S). 'none' (the plain quantised chain, the
+    baseline every compensation is compared with) always comes first."""
+    bad = [c for c in comps if c not in COMPS]
+    if bad:
+        raise ValueError(f'unknown compensation {bad[0]!r}: pick from {", ".join(COMPS)}')
+    keys = ['none']
+    for c in comps:
+        if c == 'cumulative':
+            for w in windows:
+                m = steps if str(w).upper() == 'S' else _window(w)
+                keys.append(f'cumulative_m{min(m, steps)}')
+        elif c != 'none':
+            keys.append(c)
+    return list(dict.fromkeys(keys))
+
+
+def _window(w):
+    try:
+        m = int(w)
+    except (TypeError, ValueError):
+        raise ValueError(f"the compensation window must be an integer >= 1 or 'S', got {w!r}") from None
+    if m < 1:
+        raise ValueError(f"the compensation window must be an integer >= 1 or 'S', got {w!r}")
+    return m
+
+
+def build_comp(qmodel, calib, key, diff, **chain):
+    """The network of one compensation key (comp_keys) around the quantised model `qmodel`."""
+    device = next(qmodel.parameters()).device if isinstance(qmodel, nn.Module) else diff.device
+    if key == 'none':
+        return qmodel
+    if key in ('bias', 'affine'):
+        return CompensatedModel(qmodel, fit_correction(calib['stats'], key).to(device))
+    if key.startswith('cumulative_m'):
+        return CumulativeCompensated(qmodel, fit_correction(calib['stats'], 'scale').to(device), diff,
+                                     _window(key[len('cumulative_m'):]), **chain)
+    raise ValueError(f'unknown compensation {key!r}')
+
+
+def psnr(x, ref):
+    """Mean over images of 10 log10(1 / MSE), images in [-1, 1] (clipped) mapped to [0, 1]."""
+    x, ref = ((t.clamp(-1, 1) + 1) / 2 for t in (x, ref))
+    mse = (x - ref).pow(2).flatten(1).mean(1).clamp(min=1e-20)
+    return (10 * torch.log10(1 / mse)).mean().item()
+
+
+def _sync(device):
+    if str(device).startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def time_overhead(nets, diff, x, seed=0, reps=5, device='cpu', min_time=0.1, **chain):
+    """{key: median over reps of time(chain with nets[key]) / time(chain with nets['none']) - 1}:
+    whole sampling chains from the same x_T and noise, the variants interleaved within every rep
+    (their order rotated), after one untimed warm-up rep. A timed unit repeats the chain as often as
+    the warm-up says it takes for the plain quantised chain to run min_time seconds (tiny models)."""
+    keys = list(nets)
+
+    def run(k, inner):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            diff.sample_chain(nets[k], x, noise=torch.Generator(device).manual_seed(seed), **chain)
+        _sync(device)
+        return time.perf_counter() - t0
+    for k in keys:   # warm-up
+        run(k, 1)
+    inner = max(1, math.ceil(min_time / max(run('none', 1), 1e-9)))
+    times = {k: [] for k in keys}
+    for rep in range(reps):
+        for k in keys[rep % len(keys):] + keys[:rep % len(keys)]:
+            times[k].append(run(k, inner))
+    base = times['none']
+    return {k: float(torch.tensor([a / b for a, b in zip(times[k], base)]).median()) - 1.0
+            for k in keys if k != 'none'}
+
+
 @torch.no_grad()
 def quanterr(model, diff, x0_real, spec, calib=None, n=256, seed=0, device='cpu', kernels=('gaussian',),
-             estimator='u', batch_size=None, **chain):
-    """FP, quantised (Q) and compensated (Q+comp) chains in lockstep from the same x_T and the same
-    noise z_t: one batch of 3n through sample_chain, each third through its own network, the noise
-    of n drawn once and repeated (so the FP third equals diff.sample). Records at every visited t
-    the RMS distance of Q and Q+comp to FP, and D_MMD(0) of each against x0_real (signed sqrt of the
-    unbiased MMD^2, as errprop_curve). Returns {'t', 'err_q', 'err_qc', 'mmd0', 'mmd0_kernels'}."""
+             estimator='u', batch_size=None, comps=('affine',), windows=(1,), overhead_reps=0, **chain):
+    """The FP chain, the quantised chain ('none') and one chain per compensation (comp_keys(comps,
+    windows)) in lockstep from the same x_T and the same noise z_t: one batch through sample_chain,
+    each part through its own network, the noise of n drawn once and repeated (so the FP part equals
+    diff.sample). Records at every visited t the RMS distance of each to FP ('err'); at t = 0 the RMS
+    ('rms0'), the median over samples of the distance to FP ('med0'; a few runaway chains dominate
+    the RMS) and, for images, the PSNR against FP ('psnr': images in [-1, 1] mapped to [0, 1],
+    10 log10(1 / MSE), mean over images); D_MMD(0) of each against x0_real (signed sqrt of the
+    unbiased MMD^2, as errprop_curve); with overhead_reps > 0 the sampling-time overhead of every
+    compensation against 'none' (time_overhead)."""
     shape = tuple(x0_real.shape[1:])
     calib = calib or calibrate(model, diff, shape, spec, seed=seed, device=device, **chain)
     if calib['spec'] != spec:
         raise ValueError(f"calibration is for {calib['spec']}, not {spec}")
+    S = len(chain_coefficients(diff, **chain))
+    keys = comp_keys(comps, windows, S)
     q = build_quantized(model, calib)
-    nets = [model.eval(), q, CompensatedModel(q, calib['correction'].to(device))]
-    nets = [chunked(m, batch_size) if batch_size else m for m in nets]
+    qc = chunked(q, batch_size) if batch_size else q   # chunking inside the stateful compensations
+    comp_nets = {k: build_comp(qc, calib, k, diff, **chain) if k != 'none' else qc for k in keys}
+    nets = [chunked(model.eval(), batch_size) if batch_size else model.eval()] + list(comp_nets.values())
+    P = len(nets)
 
-    def three(x, t):
-        return torch.cat([m(xi, ti) for m, xi, ti in zip(nets, x.chunk(3), t.chunk(3))])
+    def lockstep(x, t):
+        return torch.cat([m(xi, ti) for m, xi, ti in zip(nets, x.chunk(P), t.chunk(P))])
     g = torch.Generator(device).manual_seed(seed)
     x = torch.randn((n, *shape), generator=g, device=device)
-    out = {'spec': spec, 't': [], 'err_q': [], 'err_qc': []}
+    out = {'spec': spec, 'weight_group': weight_group(spec), 'steps': S, 'comps': keys, 't': [],
+           'err': {k: [] for k in keys}}
 
     def record(t, x):
-        fp, xq, xqc = x.chunk(3)
+        fp, *rest = x.chunk(P)
         out['t'].append(t)
-        out['err_q'].append((xq - fp).pow(2).mean().sqrt().item())
-        out['err_qc'].append((xqc - fp).pow(2).mean().sqrt().item())
-    noise = lambda sh: torch.randn((sh[0] // 3, *sh[1:]), generator=g, device=device).repeat(   # noqa: E731
-        3, *[1] * len(shape))
-    xs = diff.sample_chain(three, x.repeat(3, *[1] * len(shape)), noise=noise, callback=record, **chain).chunk(3)
+        for k, xi in zip(keys, rest):
+            out['err'][k].append((xi - fp).pow(2).mean().sqrt().item())
+    reps = [1] * len(shape)
+    noise = lambda sh: torch.randn((sh[0] // P, *sh[1:]), generator=g, device=device).repeat(P, *reps)   # noqa: E731
+    xs = diff.sample_chain(lockstep, x.repeat(P, *reps), noise=noise, callback=record, **chain).chunk(P)
+    out['rms0'] = {k: out['err'][k][-1] for k in keys}
+    # the RMS is dominated by the few chains that run away; the median sample's distance is not
+    out['med0'] = {k: (xi - xs[0]).flatten(1).norm(dim=1).median().item() for k, xi in zip(keys, xs[1:])}
+    if len(shape) == 3:
+        out['psnr'] = {k: psnr(xi, xs[0]) for k, xi in zip(keys, xs[1:])}
     real = x0_real.to(device)
-    out['mmd0_kernels'] = {k: {name: signed_sqrt(mmd2(xi, real, k, estimator).item())
-                               for name, xi in zip(('fp', 'q', 'qc'), xs)} for k in kernels}
+    out['mmd0_kernels'] = {kern: {name: signed_sqrt(mmd2(xi, real, kern, estimator).item())
+                                  for name, xi in zip(['fp'] + keys, xs)} for kern in kernels}
     out['mmd0'] = out['mmd0_kernels'][kernels[0]]
+    if overhead_reps:
+        out['overhead'] = time_overhead(comp_nets, diff, x, seed, overhead_reps, device, **chain)
     return out
 
 
 def for_sampling(model, diff, shape, ckpt_path, spec='none', compensate=False, n_traj=None,
-                 recalibrate=False, device='cpu', **chain):
+                 recalibrate=False, device='cpu', window=1, **chain):
     """The network to sample with (sample.py, evaluate.py --quant): `model` itself for spec 'none',
-    else its fake-quantised (and with `compensate`, corrected) copy from the stored calibration."""
+    else its fake-quantised copy from the stored calibration; compensate: False, True (the per-step
+    affine correction, as --quant-compensate) or a compensation name of COMPS ('cumulative' with
+    `window`, on the chain given by `chain`)."""
     if spec == 'none':
         if compensate:
-            raise ValueError('--quant-compensate needs --quant w8a8 or w4a8')
+            raise ValueError('--quant-compensate needs --quant w8a8, w4a8 or w4a4')
         return model
     c = get_calibration(model, diff, shape, spec, ckpt_path, n_traj, recalibrate=recalibrate, device=device,
                         **chain)
-    return build_quantized(model, c, compensate)
+    if compensate is True or not compensate:
+        return build_quantized(model, c, bool(compensate))
+    key = comp_keys([compensate], [window], len(chain_coefficients(diff, **chain)))[-1]
+    return build_comp(build_quantized(model, c), c, key, diff, **chain)
 
 
 def plot_quanterr(results, path):
-    """results {spec: quanterr dict} -> PNG of the RMS trajectory error vs t (T on the left, 0 on the right)."""
+    """results {spec: quanterr dict} -> PNG of the RMS trajectory error vs t (T on the left, 0 on the
+    right), one panel per spec, one line per compensation."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (spec, r) in enumerate(results.items()):
-        ax.plot(r['t'], r['err_q'], color=f'C{i}', label=spec.upper())
-        ax.plot(r['t'], r['err_qc'], color=f'C{i}', ls='--', label=spec.upper() + ' + comp.')
-    ax.invert_xaxis()
-    ax.set_xlabel('t')
-    ax.set_ylabel('RMS distance to the full-precision chain')
-    ax.legend()
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.8), squeeze=False)
+    for ax, (spec, r) in zip(axes[0], results.items()):
+        for k in r['comps']:
+            ax.plot(r['t'], r['err'][k], label=k, ls='-' if k == 'none' else '--')
+        ax.invert_xaxis()
+        ax.set(xlabel='t', ylabel='RMS distance to the FP chain', title=spec.upper())
+        ax.legend(fontsize=7)
+    fig.tight_layout()
     R.save_figure(fig, path)

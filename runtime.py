@@ -379,7 +379,7 @@ def add_sampling_args(p, quant=True):
                         'on the S-step grid from the bottom (1: off)')
     p.add_argument('--eps-scale-k', type=float, default=0.0, help='K of the linear eps-scaling schedule')
     if quant:
-        p.add_argument('--quant', default='none', choices=('none', 'w8a8', 'w4a8'),
+        p.add_argument('--quant', default='none', choices=('none', 'w8a8', 'w4a8', 'w4a4'),
                        help='fake-quantised sampling (seed 002)')
         p.add_argument('--quant-compensate', action='store_true',
                        help='apply the timestep-aware correction')

@@ -79,16 +79,14 @@ def test_compensation_lowers_trajectory_error(toy):
     assert calib['correction'].shape == (diff.T, 2, 2) and calib['stats'].shape == (diff.T, 2, 5)
     end, whole = [], []
     for seed in (0, 1):   # chains are chaotic (a sample can switch modes): average two seeds
-        r = quant.quanterr(m, diff, x0, 'w4a8', calib, n=256, seed=seed)
-        print(seed, r['err_q'][-1], r['err_qc'][-1], r['mmd0'])
-        end.append(r['err_qc'][-1] / r['err_q'][-1])
-        whole.append(sum(r['err_qc']) / sum(r['err_q']))
+        r = quant.quanterr(m, diff, x0, 'w4a8', calib, n=256, seed=seed, comps=('affine', 'bias'))
+        e = r['err']
+        print(seed, {k: v[-1] for k, v in e.items()}, r['mmd0'])
+        end.append(e['affine'][-1] / e['none'][-1])
+        whole.append(sum(e['affine']) / sum(e['none']))
+        assert sum(e['bias']) < sum(e['none'])   # the bias-only fit (same sums) helps too, less
     assert sum(end) / 2 < 0.85 and sum(whole) / 2 < 0.75   # measured about 0.63 and 0.47
-    # the bias-only fit (same sums) helps too, less
-    calib['correction'] = quant.fit_correction(calib['stats'], 'bias')
-    assert calib['correction'].shape == (diff.T, 2)
-    r = quant.quanterr(m, diff, x0, 'w4a8', calib, n=256, seed=0)
-    assert sum(r['err_qc']) < sum(r['err_q'])
+    assert quant.fit_correction(calib['stats'], 'bias').shape == (diff.T, 2)
 
 
 def test_calibration_round_trip_and_zero_correction(toy, tmp_path):
@@ -119,9 +117,9 @@ def test_quanterr_shapes_and_reproducible(toy, tmp_path):
     r1 = quant.quanterr(m, diff, x0, 'w8a8', calib, n=64, seed=3, kernels=('gaussian', 'imq'))
     r2 = quant.quanterr(m, diff, x0, 'w8a8', calib, n=64, seed=3, kernels=('gaussian', 'imq'))
     assert r1 == r2
-    assert r1['t'] == list(range(diff.T, -1, -1))
-    assert len(r1['err_q']) == len(r1['err_qc']) == diff.T + 1 and r1['err_q'][0] == 0
-    vals = r1['err_q'] + r1['err_qc'] + list(r1['mmd0'].values())
+    assert r1['t'] == list(range(diff.T, -1, -1)) and r1['comps'] == ['none', 'affine']
+    assert len(r1['err']['none']) == len(r1['err']['affine']) == diff.T + 1 and r1['err']['none'][0] == 0
+    vals = r1['err']['none'] + r1['err']['affine'] + list(r1['mmd0'].values())
     assert all(math.isfinite(v) for v in vals) and set(r1['mmd0_kernels']) == {'gaussian', 'imq'}
     # the FP chain of quanterr is the ordinary sampler's chain (same x_T, same noise)
     g = torch.Generator().manual_seed(3)
@@ -149,14 +147,15 @@ def test_stored_calibration_reuse_and_cli(tmp_path, capsys):
                       data_shape=[2], step=0)
     out = str(tmp_path / 'qe')
     argv = ['quanterr', '--ckpt', str(run), '--quant', 'w8a8', 'w4a8', '--n', '64', '--calib-traj', '1',
-            '--out', out, '--device', 'cpu']
+            '--out', out, '--device', 'cpu', '--overhead-reps', '0']
     evaluate.main(argv)
     log = capsys.readouterr().out
-    assert 'calibrating w4a8' in log and 'w4a8: traj RMS at t=0 Q=' in log
+    assert 'calibrating w4a8' in log and 'w4a8            none: RMS(t=0)' in log
     assert (run / 'quant_w8a8.pt').is_file() and (tmp_path / 'qe.png').is_file()
     res = json.load(open(out + '.json'))['results']
     assert set(res) == {'w8a8', 'w4a8'} and len(res['w8a8']['t']) == 21
-    evaluate.main(argv + ['--fit', 'bias'])   # stored: refitted, not recalibrated
+    assert res['w8a8']['comps'] == ['none', 'bias', 'affine', 'cumulative_m1']
+    evaluate.main(argv + ['--comp', 'bias'])   # stored: refitted, not recalibrated
     assert 'calibrating' not in capsys.readouterr().out
     model, diff, _ = R.load_checkpoint(str(run))
     assert quant.for_sampling(model, diff, (2,), str(run)) is model
@@ -177,5 +176,160 @@ def test_image_model_per_channel_correction():
     calib = quant.calibrate(m, diff, (3, 8, 8), 'w4a8', n_traj=1, batch=2, seed=0)
     assert calib['correction'].shape == (5, 3, 2) and calib['n_traj'] == 1
     assert len(calib['act_scales']) == sum(isinstance(x, (torch.nn.Conv2d, torch.nn.Linear)) for x in m.modules())
-    r = quant.quanterr(m, diff, torch.rand(4, 3, 8, 8) * 2 - 1, 'w4a8', calib, n=4, seed=0, batch_size=2)
-    assert r['t'] == [5, 4, 3, 2, 1, 0] and all(math.isfinite(v) for v in r['err_q'] + r['err_qc'])
+    r = quant.quanterr(m, diff, torch.rand(4, 3, 8, 8) * 2 - 1, 'w4a8', calib, n=4, seed=0, batch_size=2,
+                       comps=('affine', 'cumulative'), windows=(1, 'S'), sampler='ddim', steps=3,
+                       overhead_reps=2)
+    assert r['t'] == [5, 3, 2, 0] and r['comps'] == ['none', 'affine', 'cumulative_m1', 'cumulative_m3']
+    assert all(math.isfinite(v) for e in r['err'].values() for v in e)
+    assert set(r['psnr']) == set(r['comps']) and all(math.isfinite(v) and v > 0 for v in r['psnr'].values())
+    assert set(r['overhead']) == set(r['comps'][1:]) and all(math.isfinite(v) for v in r['overhead'].values())
+    assert all(v >= 0 for v in r['med0'].values())
+
+
+# ---- w4a4: group-wise weights ----------------------------------------------------------------------
+def test_group_quant_error_bounds():
+    g = torch.Generator().manual_seed(0)
+    # magnitudes that vary along the input dimension: groups see smaller ranges than whole rows
+    w = torch.randn(6, 150, generator=g) * torch.linspace(0.01, 2, 150)
+    q = quant.fake_quant_groups(w, 4, 64)
+    for lo in range(0, 150, 64):   # groups 0-63, 64-127, 128-149 (the last one shorter)
+        blk, qb = w[:, lo:lo + 64], q[:, lo:lo + 64]
+        step = blk.abs().amax(1, keepdim=True) / 7
+        assert ((qb - blk).abs() <= step / 2 + 1e-6).all()
+        assert all(len(torch.unique(r)) <= 15 for r in qb)
+    assert (q - w).pow(2).mean() < (quant.fake_quant(w, 4, dim=0) - w).pow(2).mean()
+    assert torch.allclose(quant.fake_quant_groups(q, 4, 64), q, atol=1e-6)          # idempotent
+    conv = torch.randn(8, 16, 3, 3, generator=g)   # input dimension 16 * 9 = 144: grouped over it
+    flat = quant.fake_quant_groups(conv.reshape(8, -1), 4, 64).reshape(conv.shape)
+    assert torch.equal(quant.fake_quant_groups(conv, 4, 64), flat)
+    small = torch.randn(5, 40, generator=g)         # input dimension < 64: per output channel
+    assert torch.equal(quant.fake_quant_groups(small, 4, 64), quant.fake_quant(small, 4, dim=0))
+    assert torch.equal(quant.fake_quant_groups(torch.zeros(3, 128), 4, 64), torch.zeros(3, 128))
+    assert quant.weight_group('w4a4') == 64 and quant.weight_group('w4a8') is None
+    assert quant.weight_group('w8a8g32') == 32 and quant.parse_spec('w4a4') == (4, 4)
+
+
+def test_w4a4_model_error_above_w4a8():
+    torch.manual_seed(0)
+    m = build_model('tiny', (3, 8, 8)).eval()
+    x, t = torch.randn(4, 3, 8, 8), torch.tensor([0, 10, 100, 900])
+    with torch.no_grad():
+        ref = m(x, t)
+        err = {s: (quant.quantize_model(m, s, lambda q: q(x, t))(x, t) - ref).pow(2).mean().sqrt().item()
+               for s in ('w4a8', 'w4a4')}
+    assert err['w4a8'] < err['w4a4'] < ref.pow(2).mean().sqrt().item() * 2
+
+
+# ---- the error model and the cumulative compensation on a network with known error -----------------
+class LinearEps(torch.nn.Module):
+    """eps(x, t) = W[t] (.) x + c[t] per channel: J = diag(W[t]); with scale, a 'quantised' copy
+    eps / (1 - K[t]) whose output error at every input is exactly delta = K[t] (.) eps_q."""
+
+    def __init__(self, W, c, K=None):
+        super().__init__()
+        self.W, self.c, self.K = W, c, K
+
+    def forward(self, x, t):
+        e = self.W[t] * x + self.c[t]
+        return e if self.K is None else e / (1 - self.K[t])
+
+
+def _chains(diff, nets, x, chain):
+    """Each net's trajectory (states at every visited t) from the same x_T and noise."""
+    out = []
+    for net in nets:
+        traj = []
+        diff.sample_chain(net, x.clone(), noise=torch.Generator().manual_seed(1),
+                          callback=lambda t, xt: traj.append(xt.clone()), **chain)
+        out.append(torch.stack(traj))
+    return out
+
+
+def _known(jac, T=100, C=3):
+    g = torch.Generator().manual_seed(0)
+    W = (torch.rand(T, C, generator=g) - 0.5) * jac
+    c = torch.randn(T, C, generator=g)
+    K = (torch.rand(T, C, generator=g) - 0.5) * 0.4   # |K| <= 0.2
+    return LinearEps(W, c), LinearEps(W, c, K), K
+
+
+def test_scale_fit_recovers_K():
+    fp, q, K = _known(0.6)
+    x, t = torch.randn(50, 3), torch.full((50,), 7)
+    sums = torch.zeros(100, 3, 5, dtype=torch.float64)
+    sums[7] = quant._channel_sums(q(x, t), fp(x, t))
+    k = quant.fit_correction(sums, 'scale')
+    assert torch.allclose(k[7], K[7], atol=1e-5) and torch.equal(k[8], torch.zeros(3))
+    a = quant.fit_correction(sums, 'affine')   # the affine fit holds the same model: a = 1 - K, b = 0
+    assert torch.allclose(a[7, :, 0], 1 - K[7], atol=1e-4) and a[7, :, 1].abs().max() < 1e-4
+
+
+@pytest.mark.parametrize('chain', [dict(sampler='ddim', steps=10), dict(sampler='ddpm', steps=10)])
+def test_cumulative_window_removes_closed_form_terms(chain):
+    """J = 0: the quantised chain's error is the closed form sum_s (prod a) b_s K_s eps_q,s; window m
+    removes exactly its last m terms at every step (m = S: all of it, the FP chain)."""
+    diff = Diffusion(T=100, beta_T=0.05)
+    fp, q, K = _known(0.0)
+    coef = quant.chain_coefficients(diff, **chain)
+    S = len(coef)
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(2))
+    d = [b * K[t - 1] * q(x, torch.full((16,), t - 1)) for t, _, _, b in coef]   # J = 0: eps_q fixed
+    nets = [fp, q] + [quant.CumulativeCompensated(q, K, diff, m, **chain) for m in (1, 2, S)]
+    trajs = _chains(diff, nets, x, chain)
+    scale = trajs[0].abs().max()
+    for i, m in enumerate((0, 1, 2, S)):   # m = 0: the uncompensated chain
+        for k in range(S):   # state after step k: the terms j <= k - m remain
+            left = sum((math.prod(c[2] for c in coef[j + 1:k + 1]) * d[j] for j in range(k - m + 1)),
+                       torch.zeros(16, 3))
+            assert (trajs[1 + i][k + 1] - trajs[0][k + 1] - left).abs().max() < 2e-5 * scale, (m, k)
+    assert (trajs[-1] - trajs[0]).abs().max() < 2e-5 * scale   # m = S: the FP chain
+
+
+def test_cumulative_with_jacobian():
+    """J != 0 (known): m = S still gives the FP chain (the per-step error is removed before it can
+    propagate); m = 1 leaves e_{k+1} = (a_k + b_k J_k) e_k + a_k d_{k-1}."""
+    diff = Diffusion(T=100, beta_T=0.05)
+    fp, q, K = _known(1.5)
+    chain = dict(sampler='ddim', steps=8)
+    coef = quant.chain_coefficients(diff, **chain)
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(2))
+    f, full, one = _chains(diff, [fp, quant.CumulativeCompensated(q, K, diff, 8, **chain),
+                                  quant.CumulativeCompensated(q, K, diff, 1, **chain)], x, chain)
+    assert (full - f).abs().max() < 1e-5 * f.abs().max()
+    e = torch.zeros(16, 3)
+    for k, (t, _, a, b) in enumerate(coef):
+        if k >= 1:   # d_{k-1} at the compensated chain's own state
+            tp, bp = coef[k - 1][0], coef[k - 1][3]
+            e = (a + b * fp.W[t - 1]) * e + a * bp * K[tp - 1] * q(one[k - 1], torch.full((16,), tp - 1))
+        assert (one[k + 1] - f[k + 1] - e).abs().max() < 1e-4 * f.abs().max(), k
+
+
+def test_cumulative_refuses_misuse():
+    diff = Diffusion(T=20)
+    _, q, K = _known(0.5, T=20)
+    with pytest.raises(ValueError, match='window'):
+        quant.CumulativeCompensated(q, K, diff, 0, sampler='ddim', steps=5)
+    c = quant.CumulativeCompensated(q, K, diff, 1, sampler='ddim', steps=5)
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match='not a step'):
+        c(x, torch.full((4,), 18))
+    c(x, torch.full((4,), 19))
+    with pytest.raises(ValueError, match='out of order'):
+        c(x, torch.full((4,), 7))
+    with pytest.raises(ValueError, match='unknown compensation'):
+        quant.comp_keys(['cumulativ'])
+    with pytest.raises(ValueError, match='window'):
+        quant.comp_keys(['cumulative'], ['0'], 5)
+    assert quant.comp_keys(['bias', 'cumulative'], ['1', 'S', '50'], 20) == \
+        ['none', 'bias', 'cumulative_m1', 'cumulative_m20']
+
+
+def test_quanterr_cli_bad_input_one_line(tmp_path):
+    import evaluate
+    base = ['quanterr', '--ckpt', str(tmp_path / 'none'), '--out', str(tmp_path / 'q')]
+    for extra, msg in ((['--window', '0'], 'window'), (['--window', 'x'], 'window'),
+                       (['--comp', 'cumulativ'], 'unknown compensation'), (['--quant', 'w4'], 'spec'),
+                       (['--overhead-reps', '-1'], 'overhead')):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(base + extra)
+        assert str(e.value).startswith('error:') and msg in str(e.value) and '\n' not in str(e.value)

@@ -87,7 +87,7 @@ def test_folder_loader(tmp_path):
 @pytest.mark.parametrize('name', data.TOY)
 def test_toy_sets(name):
     x = data.load_data(name, toy_n=2000, seed=3)
-    d = 10 if name == 'gmm10d' else 2
+    d = 10 if name in ('gmm10d', 'gmm5x10') else 2
     assert x.shape == (2000, d) and x.dtype == torch.float32 and torch.isfinite(x).all()
     assert torch.equal(x, data.load_data(name, toy_n=2000, seed=3))
     assert not torch.equal(x, data.load_data(name, toy_n=2000, seed=4))

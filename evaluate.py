@@ -25,6 +25,7 @@ import torch
 import data as D
 import fid as F
 import quant
+import quanterr as QE
 import runtime as R
 from mmd import KERNELS, errprop_curve, fault_tolerance, mmd2, signed_sqrt
 
@@ -244,7 +245,7 @@ def run_quanterr(a):
     for spec in a.quant:
         c = quant.get_calibration(model, diff, shape, spec, a.ckpt, a.calib_traj, a.calib_batch,
                                   a.recalibrate, device, **chain)
-        r = results[spec] = quant.quanterr(model, diff, x0, spec, c, a.n, a.seed, device, batch_size=a.chunk,
+        r = results[spec] = QE.quanterr(model, diff, x0, spec, c, a.n, a.seed, device, batch_size=a.chunk,
                                            comps=a.comp, windows=a.window, overhead_reps=a.overhead_reps,
                                            **chain)
         for k in r['comps']:
@@ -262,7 +263,7 @@ def run_quanterr(a):
                                        overhead='median over reps of time(comp) / time(none) - 1, whole '
                                                 'chains interleaved', **chain_settings(a, diff),
                                        results=results))
-    quant.plot_quanterr(results, a.out + '.png')
+    QE.plot_quanterr(results, a.out + '.png')
     print(f'wrote {a.out}.json and {a.out}.png ({final})')
 
 

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 import quant
+import quanterr
 from data import sample_toy
 from diffusion import Diffusion
+from mmd import mmd2
 from model import build_model
 
 
@@ -79,7 +81,7 @@ def test_compensation_lowers_trajectory_error(toy):
     assert calib['correction'].shape == (diff.T, 2, 2) and calib['stats'].shape == (diff.T, 2, 5)
     end, whole = [], []
     for seed in (0, 1):   # chains are chaotic (a sample can switch modes): average two seeds
-        r = quant.quanterr(m, diff, x0, 'w4a8', calib, n=256, seed=seed, comps=('affine', 'bias'))
+        r = quanterr.quanterr(m, diff, x0, 'w4a8', calib, n=256, seed=seed, comps=('affine', 'bias'))
         e = r['err']
         print(seed, {k: v[-1] for k, v in e.items()}, r['mmd0'])
         end.append(e['affine'][-1] / e['none'][-1])
@@ -114,8 +116,8 @@ def test_quanterr_shapes_and_reproducible(toy, tmp_path):
     m, diff = toy
     x0 = sample_toy('8gaussians', 64, torch.Generator().manual_seed(1))
     calib = quant.calibrate(m, diff, (2,), 'w8a8', n_traj=1, batch=32, seed=0)
-    r1 = quant.quanterr(m, diff, x0, 'w8a8', calib, n=64, seed=3, kernels=('gaussian', 'imq'))
-    r2 = quant.quanterr(m, diff, x0, 'w8a8', calib, n=64, seed=3, kernels=('gaussian', 'imq'))
+    r1 = quanterr.quanterr(m, diff, x0, 'w8a8', calib, n=64, seed=3, kernels=('gaussian', 'imq'))
+    r2 = quanterr.quanterr(m, diff, x0, 'w8a8', calib, n=64, seed=3, kernels=('gaussian', 'imq'))
     assert r1 == r2
     assert r1['t'] == list(range(diff.T, -1, -1)) and r1['comps'] == ['none', 'affine']
     assert len(r1['err']['none']) == len(r1['err']['affine']) == diff.T + 1 and r1['err']['none'][0] == 0
@@ -124,10 +126,10 @@ def test_quanterr_shapes_and_reproducible(toy, tmp_path):
     # the FP chain of quanterr is the ordinary sampler's chain (same x_T, same noise)
     g = torch.Generator().manual_seed(3)
     fp = diff.sample(m, (64, 2), generator=g)
-    r_fp = quant.quanterr(m, diff, x0, 'w8a8', calib, n=64, seed=3)['mmd0']['fp']
-    v = quant.mmd2(fp, x0, 'gaussian', 'u').item()
+    r_fp = quanterr.quanterr(m, diff, x0, 'w8a8', calib, n=64, seed=3)['mmd0']['fp']
+    v = mmd2(fp, x0, 'gaussian', 'u').item()
     assert r_fp == pytest.approx(math.copysign(math.sqrt(abs(v)), v), rel=1e-5)
-    quant.plot_quanterr({'w8a8': r1}, str(tmp_path / 'q.png'))
+    quanterr.plot_quanterr({'w8a8': r1}, str(tmp_path / 'q.png'))
     assert (tmp_path / 'q.png').stat().st_size > 0
 
 
@@ -176,7 +178,7 @@ def test_image_model_per_channel_correction():
     calib = quant.calibrate(m, diff, (3, 8, 8), 'w4a8', n_traj=1, batch=2, seed=0)
     assert calib['correction'].shape == (5, 3, 2) and calib['n_traj'] == 1
     assert len(calib['act_scales']) == sum(isinstance(x, (torch.nn.Conv2d, torch.nn.Linear)) for x in m.modules())
-    r = quant.quanterr(m, diff, torch.rand(4, 3, 8, 8) * 2 - 1, 'w4a8', calib, n=4, seed=0, batch_size=2,
+    r = quanterr.quanterr(m, diff, torch.rand(4, 3, 8, 8) * 2 - 1, 'w4a8', calib, n=4, seed=0, batch_size=2,
                        comps=('affine', 'cumulative'), windows=(1, 'S'), sampler='ddim', steps=3,
                        overhead_reps=2)
     assert r['t'] == [5, 3, 2, 0] and r['comps'] == ['none', 'affine', 'cumulative_m1', 'cumulative_m3']

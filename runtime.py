@@ -189,7 +189,10 @@ def gather(x, world):
 
 
 def teardown():
+    """Leave the process group together: a rank that destroys its gloo group while another is
+    still writing its checkpoint can abort ('terminate called without an active exception')."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -61,6 +61,8 @@ def run_json(name):
 
 def result_path(name):
     """The file whose existence means job `name` is done."""
+    if name.startswith('steps_'):   # the step-count protocol (sweep.py)
+        return os.path.join(RES, 'steps', name + '.json')
     return os.path.join(RES, name + '.json') if name.startswith(('timing', 'diagnostics', 'fewstep')) else run_json(name)
 
 

@@ -32,6 +32,7 @@ import runtime as R  # noqa: E402
 from diffusion import eps_scale_schedule  # noqa: E402
 from mmd import errprop_curve, mmd2, signed_sqrt  # noqa: E402
 import report  # noqa: E402
+import sweep  # noqa: E402
 from report import (ABLATIONS, EVAL_SEED, FRESH_SEED, KERNELS, MAIN, OUT, RES, ROOT, SAMPLE_SEED,  # noqa: E402
                     TIMED, mnist_flags, read_json, result_path, run_json)
 
@@ -40,6 +41,9 @@ from report import (ABLATIONS, EVAL_SEED, FRESH_SEED, KERNELS, MAIN, OUT, RES, R
 def job_list(a):
     """Ordered by priority (what RESULTS.md needs most comes first). Each job: dict(name, kind,
     deps, ...). A job starts once its deps have their result files."""
+    if a.protocol == 'steps':
+        jobs = sweep.job_list(a, mnist_flags)
+        return [j for j in jobs if any(o in j['name'] for o in a.only)] if a.only else jobs
     S, seeds, jobs = a.max_steps, a.seeds, [dict(name='timing', kind='timing', deps=[])]
 
     def run(ds, variant, seed, flags, steps, curve=True, deps=(), extra=None):
@@ -104,9 +108,9 @@ def job_timing(a, job):
     """`python bench.py --what methods`: train.py's step for every method in ONE process,
     interleaved (each repetition runs every method for the same step indices), 1 thread."""
     mnist = job.get('dataset') == 'mnist'
-    base = ['--dataset', 'mnist'] + mnist_flags(a) if mnist else ['--dataset', '8gaussians']
-    timed = {k: fl for k, fl in TIMED.items()
-             if not mnist or k in ('vanilla', 'ip', 'sa', 'reg_L5_full', 'reg_L5_last')}
+    base = ['--dataset', 'mnist'] + mnist_flags(a) if mnist else ['--dataset', job.get('dataset', '8gaussians')]
+    timed = job.get('timed') or {k: fl for k, fl in TIMED.items()
+                                 if not mnist or k in ('vanilla', 'ip', 'sa', 'reg_L5_full', 'reg_L5_last')}
     cmd = [sys.executable, os.path.join(ROOT, 'bench.py'), '--what', 'methods', '--threads', '1',
            '--device', 'cpu', '--reps', str(a.timing_reps), '--iters', str(4 if mnist else a.timing_iters),
            '--warmup', '3', '--verbose', '--flags', ' '.join(base + ['--seed', '0']),
@@ -119,13 +123,14 @@ def job_timing(a, job):
 def steps_of(job, a):
     s = job['steps']
     if isinstance(s, str) and s.startswith('eqtime:'):   # equal time: S * t_vanilla / t_method
-        ratio = read_json(result_path(job.get('timing', 'timing')))['methods'][
-            {'ip': 'ip', 'sa': 'sa', 'reg': 'reg_L5_full'}[s.split(':')[1]]]['ratio']
+        key = job.get('ratio_key') or {'ip': 'ip', 'sa': 'sa', 'reg': 'reg_L5_full'}[s.split(':')[1]]
+        ratio = read_json(result_path(job.get('timing', 'timing')))['methods'][key]['ratio']
         return max(1, round(job.get('base_steps', a.max_steps) / ratio)), ratio
     return s, None
 
 
-def job_run(job, a):
+def train_job(job, a):
+    """Train (or resume) the job's run, exactly `python train.py ARGV`; returns what its JSON records."""
     torch.set_num_threads(1)
     out = os.path.join(OUT, job['name'])
     os.makedirs(out, exist_ok=True)
@@ -134,7 +139,7 @@ def job_run(job, a):
     out = os.path.join(OUT, job.get('eval_of', job['name']))   # eval_of: only evaluate that run
     steps, ratio = steps_of(job, a)
     argv = ['--dataset', job['dataset'], '--seed', str(job['seed']), '--max-steps', str(steps),
-            '--out-dir', out, '--log-every', '250', '--save-every', '500',
+            '--out-dir', out, '--log-every', '10' if job['kind'] == 'steps' else '250', '--save-every', '500',
             '--n-preview', str(min(256, a.n))] + job['flags']
     if job['dataset'] == 'mnist':
         argv += ['--sample-every', '0', '--n-preview', '64']
@@ -145,19 +150,49 @@ def job_run(job, a):
         cmd = ['--out-dir', out, '--resume', '--max-steps', str(steps)] if os.path.isfile(ckpt) else argv
         print('python train.py ' + ' '.join(cmd), flush=True)
         subprocess.run([sys.executable, os.path.join(ROOT, 'train.py')] + cmd, check=True)
-    train_wall = time.time() - t0
-    model, diff, cfg = R.load_checkpoint(out, 'cpu', ema=True)
     with open(os.path.join(out, 'log.jsonl')) as f:
         log = [json.loads(line) for line in f]
     res = dict(job={k: v for k, v in job.items() if k != 'deps'}, steps=steps, eqtime_ratio=ratio,
-               train_argv=argv, train_wall_s=train_wall if not done else None, config=cfg,
+               train_argv=argv, train_wall_s=time.time() - t0 if not done else None,
                loss_curve=[[r['step'], r['loss']] for r in log])
+    if any('loss_reg' in r for r in log):
+        res['reg_curve'] = [[r['step'], r['loss_reg']] for r in log if 'loss_reg' in r]
+    return out, res
+
+
+def job_run(job, a):
+    out, res = train_job(job, a)
+    model, diff, cfg = R.load_checkpoint(out, 'cpu', ema=True)
+    res['config'] = cfg
     res.update(evaluate_run(model, diff, cfg, job, a))
-    grid = os.path.join(out, f'samples_{steps:07d}.png')   # train.py's end-of-run EMA preview
+    grid = os.path.join(out, f"samples_{res['steps']:07d}.png")   # train.py's end-of-run EMA preview
     if cfg['dataset'] == 'mnist' and 'eval_of' not in job and os.path.isfile(grid):
         os.makedirs(os.path.join(RES, 'samples'), exist_ok=True)
         shutil.copyfile(grid, os.path.join(RES, 'samples', job['name'] + '.png'))
     R.write_json(run_json(job['name']), res)
+
+
+def job_steps(job, a):
+    """The step-count protocol's run (sweep.py): train, then evaluate over S; --reg runs also get
+    their regulariser's perfect-model floor, seed 0 the regulariser's gradient fraction."""
+    out, res = train_job(job, a)
+    model, diff, cfg = R.load_checkpoint(out, 'cpu', ema=True)
+    res['config'] = cfg
+    t0 = time.time()
+    mnist = job['dataset'] == 'mnist'
+    res.update(sweep.evaluate_steps(model, diff, cfg, n=a.mnist_n if mnist else a.n_true,
+                                    n_select=a.mnist_n // 2 if mnist else min(500, a.n_true),
+                                    es_max_steps=100, chunk=250 if mnist else None))
+    if cfg['reg']:
+        res['reg_floor'] = sweep.reg_floor(cfg)
+    if job['seed'] == 0 and job['method'] in ('vanilla', 'reg', 'reg_S20', 'reg_l0.5', 'reg_l0.8'):
+        tmp = result_path(job['name']) + '.reg_grad.json'
+        subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), '--what', 'reg-grad', '--threads', '1',
+                        '--device', 'cpu', '--ckpt', out, '--json', tmp], check=True)
+        res['reg_grad'] = read_json(tmp)['reg_grad']
+        os.remove(tmp)
+    res['eval_wall_s'] = time.time() - t0
+    R.write_json(result_path(job['name']), res)
 
 
 @torch.no_grad()
@@ -317,8 +352,10 @@ def schedule(a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--protocol', choices=('paper', 'steps'), default='paper',
+                   help='paper: the 1000-step reproduction (report.py); steps: the step-count protocol (sweep.py)')
     p.add_argument('--max-steps', type=int, default=1000, help='S: training steps of every full run')
-    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    p.add_argument('--seeds', type=int, nargs='+', help='default: 0 1 2 (paper), 0..4 (steps; MNIST: the first 3)')
     p.add_argument('--t-stride', type=int, default=20, help='errprop: measure every k-th t')
     p.add_argument('--n', type=int, default=1000, help='errprop: N = M')
     p.add_argument('--jobs', type=int, default=2, help='processes at a time')
@@ -343,6 +380,7 @@ def main():
                    help='rewrite summary and tables even when results/runs/ holds fewer runs than they list')
     p.add_argument('--job', help=argparse.SUPPRESS)
     a = p.parse_args()
+    a.seeds = a.seeds or ([0, 1, 2, 3, 4] if a.protocol == 'steps' else [0, 1, 2])
     if len(a.seeds) < 1 or a.max_steps < 5 or a.t_stride < 1 or a.n < 2 or a.n_true < 2:
         R.fail('need --seeds, --max-steps >= 5, --t-stride >= 1, --n and --n-true >= 2')
     a.passthrough = [x for x in sys.argv[1:] if x not in ('--report', '--force-report')]
@@ -352,11 +390,11 @@ def main():
         if job is None:
             R.fail(f'no job {a.job}')
         dict(timing=job_timing, diagnostics=job_diagnostics, fewstep=job_fewstep,
-             run=lambda a, j: job_run(j, a))[job['kind']](a, job)
+             run=lambda a, j: job_run(j, a), steps=lambda a, j: job_steps(j, a))[job['kind']](a, job)
         return
     if not a.report:
         schedule(a)
-    report.report(a)
+    (sweep.report_steps if a.protocol == 'steps' else report.report)(a)
 
 
 if __name__ == '__main__':

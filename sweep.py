@@ -1,0 +1,419 @@
+"""The step-count protocol of RESULTS.md (issue 16): where error propagation shows, and what each
+cure buys there. Every trained cure (the paper's regulariser at three lambdas, its few-step and
+released variants, ADM-IP, SA-DPM) and the training-free one (epsilon scaling, on top of every
+model) side by side, at S in {10, 20, 50, 100, 1000} sampling steps, for models trained with
+T = 1000 and with short chains (T = 50).
+
+    python reproduce.py --protocol steps              # toy sets, 5 seeds (resumable, 2 jobs at a time)
+    python reproduce.py --protocol steps --mnist      # + MNIST 14x14, 3 seeds (slow on CPU)
+    python reproduce.py --protocol steps --report     # only aggregate results/steps/*.json
+
+This module holds the job list (reproduce.py runs the jobs: training is `python train.py ...`),
+the evaluation of one trained model over S (evaluate_steps) and the aggregation (report_steps).
+Per run and per S, for the respaced ancestral chain and DDIM (eta 0):
+  final metric  toy: MMD (gaussian kernel, unbiased, signed sqrt) of 1000 samples against 2000
+                fresh draws of the true distribution; MNIST: Frechet distance and KID in the
+                features of the project's MNIST classifier (fid.py) against the training set;
+  +ES           the same after epsilon scaling (S <= 100), its factor picked on a grid with OTHER
+                samples against OTHER reference data (no sharing between choice and score);
+  D_MMD(t)      along the ancestral chains of S = 20 and S = 1000 (mmd.errprop_curve);
+  A(t)          amplification of an isotropic error (RMS 0.1) injected at t0 = 0.9 T, 0.5 T, 0.1 T
+                (mmd.fault_tolerance, 250 pairs of chains), at S = 20 and S = 1000.
+For --reg runs, the regulariser's logged value against its perfect-model floor (reg_floor), and
+for seed 0 its gradient as a fraction of the eps-MSE gradient (bench.py --what reg-grad).
+"""
+import math
+import os
+
+import numpy as np
+import torch
+
+import data as D
+import runtime as R
+from diffusion import eps_scale_schedule
+from mmd import errprop_curve, fault_tolerance, mmd, mmd2, signed_sqrt
+from report import RES
+
+STEPS = (10, 20, 50, 100, 1000)
+CURVE_STEPS = (20, 1000)
+ES_GRID = (1.0, 1.005, 1.01, 1.02, 1.05, 1.1)
+T0_FRACTIONS = (0.9, 0.5, 0.1)
+SAMPLE_SEED, SELECT_SEED, FRESH_SEED, SELECT_FRESH_SEED, EVAL_SEED = 1, 3, 99991, 2, 0
+REGIMES = {'T1000': ['--T', '1000'], 'T50': ['--T', '50']}
+METHODS = {   # name -> train.py flags, in the order of the tables
+    'vanilla': [], 'ip': ['--loss', 'ip'], 'sa': ['--loss', 'sa'],
+    'reg': ['--reg'],   # the paper's lambda_reg = 0.2, lambda_nll = 0.8
+    'reg_l0.5': ['--reg', '--lambda-reg', '0.5', '--lambda-nll', '0.5'],
+    'reg_l0.8': ['--reg', '--lambda-reg', '0.8', '--lambda-nll', '0.2'],
+    'reg_S20': ['--reg', '--reg-steps', '20'],   # the regulariser on the 20-step chain (T = 1000 only)
+    'reg_released': ['--reg', '--reg-stat', 'mmd2', '--lambda-nll', '1', '--lambda-reg', '1',
+                     '--reg-weight', 'uniform'],   # close to the authors' released code (README)
+}
+TOY_SETS = ('8gaussians', 'swissroll')
+
+
+def job_list(a, mnist_flags):
+    """Ordered by priority: whatever --budget-min cuts off is the least needed. Names start with
+    'steps_' (their results go to results/steps/)."""
+    jobs = []
+
+    def run(ds, regime, method, seed, steps, flags=(), deps=()):
+        jobs.append(dict(name=f'steps_{ds}_{regime}_{method}_s{seed}', kind='steps', dataset=ds, regime=regime,
+                         variant=f'{regime}_{method}', method=method, seed=seed, steps=steps, deps=list(deps),
+                         flags=REGIMES[regime] + METHODS[method.replace('_eqtime', '')] + list(flags)))
+
+    for ds in TOY_SETS:
+        jobs.append(dict(name=f'steps_timing_{ds}', kind='timing', dataset=ds, deps=[], timed={
+            m: METHODS[m] for m in ('vanilla', 'ip', 'sa', 'reg', 'reg_S20', 'reg_released')}))
+    main = [('8gaussians', 'T1000', m) for m in ('vanilla', 'reg', 'ip', 'sa', 'reg_S20')]
+    main += [('8gaussians', 'T50', m) for m in ('vanilla', 'reg', 'ip', 'sa')]
+    more = [('8gaussians', 'T50', m) for m in ('reg_l0.5', 'reg_l0.8', 'reg_released')]
+    more += [('8gaussians', 'T1000', m) for m in ('reg_l0.5', 'reg_l0.8', 'reg_released')]
+    second = [('swissroll', rg, m) for rg in ('T50', 'T1000') for m in ('vanilla', 'reg', 'ip', 'sa')]
+    for group in (main, more, second):
+        for seed in a.seeds:
+            for ds, rg, m in group:
+                run(ds, rg, m, seed, a.max_steps)
+    for ds in TOY_SETS:   # equal wall-clock time: vanilla's steps times t_vanilla / t_method
+        for seed in a.seeds:
+            for m in ('reg', 'sa'):
+                run(ds, 'T50', m + '_eqtime', seed, f'eqtime:{m}', deps=[f'steps_timing_{ds}'])
+    if a.mnist:
+        fl = mnist_flags(a) + ['--dtype', 'bf16']   # bf16 trains as well as fp32 (results/runs/mnist_dtype_*)
+        for seed in a.seeds[:3]:
+            for rg, m in (('T1000', 'vanilla'), ('T1000', 'reg'), ('T50', 'vanilla'), ('T50', 'reg'),
+                          ('T1000', 'ip'), ('T1000', 'sa')):
+                run('mnist', rg, m, seed, a.mnist_max_steps, fl)
+    for j in jobs:   # timing jobs: the steps of an equal-time run come from its data set's timing
+        if j['kind'] == 'steps':
+            j['timing'] = f"steps_timing_{j['dataset']}"
+            j['ratio_key'] = j['method'].replace('_eqtime', '')
+    return jobs
+
+
+# ---- evaluation of one trained model over the step counts ---------------------------------------
+class ToyMetric:
+    """MMD (gaussian, unbiased, signed sqrt) against fresh draws of the known distribution."""
+    def __init__(self, ds, seed_ref):
+        self.ref = D.sample_toy(ds, 2000, torch.Generator().manual_seed(seed_ref))
+
+    def __call__(self, x):
+        return dict(mmd=signed_sqrt(float(mmd2(x, self.ref, 'gaussian', 'u'))))
+
+
+class ClassifierMetric:
+    """Frechet distance and KID in the MNIST classifier's features against the training set."""
+    def __init__(self, cfg, device='cpu'):
+        import fid as F
+        self.F = F
+        self.net, self.info = F.mnist_classifier(cfg['data_dir'], cfg['image_size'], device)
+        x = D.load_data('mnist', cfg['data_dir'], cfg['image_size'])
+        self.ref = F.classifier_features(self.net, x, 1000, device)
+
+    def __call__(self, x):
+        s = self.F.classifier_scores(self.net, D.to_uint8(x), self.ref)
+        return dict(mmd=None, fd=s['fd'], kid=s['kid'])
+
+
+def chain_samples(model, diff, n, shape, sampler, S, b, seed, chunk=None):
+    lam = None if b == 1.0 else eps_scale_schedule(diff.T, b, 0.0, S)
+    out = []
+    for i, m in enumerate(range(0, n, chunk or n)):   # chunks: image memory; one seeded stream each
+        g = torch.Generator().manual_seed(R.seed_of(seed, 'steps-sample', i))
+        out.append(diff.sample(model, (min(chunk or n, n - m), *shape), sampler=sampler, steps=S,
+                               eps_scale=lam, generator=g))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate_steps(model, diff, cfg, n=1000, n_select=500, es_max_steps=100, chunk=None, curves=True):
+    """The final metric at every S <= T for both samplers, plain and with epsilon scaling; D_MMD(t)
+    and A(t) at CURVE_STEPS. Returns a dict for results/steps/NAME.json."""
+    toy = D.is_toy(cfg['dataset'])
+    shape = tuple(cfg['data_shape'])
+    score = ToyMetric(cfg['dataset'], FRESH_SEED) if toy else ClassifierMetric(cfg)
+    select = ToyMetric(cfg['dataset'], SELECT_FRESH_SEED) if toy else score
+    key = 'mmd' if toy else 'fd'
+    rows = []
+    for sampler in ('ddpm', 'ddim'):
+        for S in [s for s in STEPS if s <= diff.T]:
+            plain = score(chain_samples(model, diff, n, shape, sampler, S, 1.0, SAMPLE_SEED, chunk))
+            row = dict(sampler=sampler, steps=S, **plain)
+            if S <= es_max_steps:   # pick the scale on other samples and other reference data
+                grid = {b: select(chain_samples(model, diff, n_select, shape, sampler, S, b, SELECT_SEED, chunk))[key]
+                        for b in ES_GRID}
+                best = min(grid, key=grid.get)
+                es = plain if best == 1.0 else score(chain_samples(model, diff, n, shape, sampler, S, best,
+                                                                   SAMPLE_SEED, chunk))
+                row.update(es_scale=best, es_grid=[grid[b] for b in ES_GRID], **{k + '_es': v for k, v in es.items()})
+            rows.append(row)
+            print(row, flush=True)
+    out = dict(rows=rows, metric='toy: MMD (gaussian, unbiased, signed sqrt) vs 2000 fresh true draws' if toy
+               else 'MNIST: classifier-feature FD and KID vs the training set', n=n, n_select=n_select,
+               es_grid=ES_GRID)
+    if not toy:
+        out['classifier'] = score.info
+    if not curves:
+        return out
+    x0 = D.random_examples(n, EVAL_SEED, cfg['dataset'], cfg['data_dir'], cfg['image_size'], cfg['toy_n'], cfg['seed'])
+    out['curves'], out['faulttol'] = {}, {}
+    for S in [s for s in CURVE_STEPS if s <= diff.T]:
+        c = errprop_curve(model, diff, x0, n, ('gaussian', 'laplace'), 'u', None if S <= 100 else S // 10,
+                          torch.Generator().manual_seed(EVAL_SEED), chunk, steps=S)
+        out['curves'][S] = c
+        ts = diff.times(diff.T, 0, S)
+        x_T = torch.randn((min(n, 250), *shape), generator=torch.Generator().manual_seed(EVAL_SEED))
+        out['faulttol'][S] = {}
+        for f in T0_FRACTIONS:
+            t0 = min(ts, key=lambda t: abs(t - f * diff.T))
+            ft = fault_tolerance(model, diff, x_T, t0, 0.1, steps=S, kernels=(), batch_size=chunk)
+            out['faulttol'][S][f] = dict(t=ft['t'], amp=ft['amp'], t0=t0)
+    return out
+
+
+@torch.no_grad()
+def reg_floor(cfg, draws=200, device='cpu'):
+    """What the regulariser's logged value (consistency_reg, before w_r) would be for a perfect
+    chain: its statistic between two independent sets of forward samples x_r ~ q(x_r) of the
+    same sizes (mmd.consistency_reg's kernel, stat and V-statistic), averaged over r ~ U as in
+    training. A logged value at this level carries no
+    signal the regulariser could act on."""
+    data = D.to_model_space(D.load_data(cfg['dataset'], cfg['data_dir'], cfg['image_size'], cfg['toy_n'],
+                                        cfg['seed'])).to(device)
+    diff = R.make_diffusion(cfg, device)
+    g = torch.Generator().manual_seed(12345)
+    half, vals = cfg['batch_size'] // 2, []
+    for _ in range(draws):
+        idx = torch.randperm(len(data), generator=g)[:3 * half]
+        S = cfg.get('reg_steps')
+        r = int(torch.randint(0, S or diff.T, (1,), generator=g))
+        r_t = r if S is None else diff.times(diff.T, 0, S)[::-1][r]
+        a, b = data[idx[:half]], data[idx[half:2 * half]]
+        xa = diff.q_sample(a, r_t, torch.randn(a.shape, generator=g)) if r_t > 0 else a
+        xb = diff.q_sample(b, r_t, torch.randn(b.shape, generator=g)) if r_t > 0 else b
+        stat = mmd if cfg['reg_stat'] == 'mmd' else mmd2   # as consistency_reg (estimator 'v')
+        vals.append(float(stat(xa, xb, cfg['reg_kernel'], 'v')))
+    return dict(mean=float(np.mean(vals)), std=float(np.std(vals)), draws=draws)
+
+
+
+# ---- aggregation: results/steps_tables.md, steps_summary.json and the figures ---------------------
+def load_steps(res_dir):
+    """({(data set, regime, method): [run JSON sorted by seed]}, {data set: timing JSON})."""
+    import json
+    runs, timing, folder = {}, {}, os.path.join(res_dir, 'steps')
+    for f in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if not f.endswith('.json'):
+            continue
+        with open(os.path.join(folder, f)) as fh:
+            r = json.load(fh)
+        if f.startswith('steps_timing_'):
+            timing[f[len('steps_timing_'):-5]] = r
+        else:
+            j = r['job']
+            runs.setdefault((j['dataset'], j['regime'], j['method']), []).append(r)
+    for rs in runs.values():
+        rs.sort(key=lambda r: r['job']['seed'])
+    return runs, timing
+
+
+def stat(xs, diff=False):
+    """mean, std over seeds; for a paired difference (diff) also whether |mean| > 2 std / sqrt(n)."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None
+    m, s = float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+    return dict(mean=m, std=s, n=len(xs), diff=diff, sig=diff and len(xs) > 1 and abs(m) > 2 * s / math.sqrt(len(xs)))
+
+
+def fmt(st, digits=4):
+    if st is None:
+        return '-'
+    star = '*' if st.get('sig') else ''
+    sign = '+' if st['diff'] else ''
+    return f"{st['mean']:{sign}.{digits}f} ± {st['std']:.{digits}f}{star}" + (f" (n={st['n']})" if st['n'] != 5 else '')
+
+
+def row_of(run, sampler, S):
+    return next((r for r in run['rows'] if r['sampler'] == sampler and r['steps'] == S), None)
+
+
+def final_floor(ds, n=1000, draws=5):
+    """The perfect model's score: n fresh true draws in place of the model's samples."""
+    ref = ToyMetric(ds, FRESH_SEED)
+    return stat([ref(D.sample_toy(ds, n, torch.Generator().manual_seed(777 + i)))['mmd'] for i in range(draws)])
+
+
+def paired(runs, base, key, sampler, S, base_key=None):
+    """method - vanilla at the same seed (same evaluation randomness): stat over seeds."""
+    b = {r['job']['seed']: row_of(r, sampler, S) for r in base}
+    out = []
+    for r in runs:
+        x, y = row_of(r, sampler, S), b.get(r['job']['seed'])
+        if x and y and x.get(key) is not None and y.get(base_key or key) is not None:
+            out.append(x[key] - y[base_key or key])
+    return stat(out, diff=True)
+
+
+def report_steps(a):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    runs, timing = load_steps(RES)
+    if not runs:
+        print(f'no step-count runs in {RES}/steps yet')
+        return
+    key = {ds: 'mmd' if D.is_toy(ds) else 'fd' for ds, _, _ in runs}
+    summary, md = dict(final={}, shape={}, reg={}, cost=timing), []
+    md.append('Paired differences to vanilla at the same seed (negative = better), mean ± std over seeds '
+              '(n = 5 unless shown); * = |mean| > 2 std / sqrt(n). "+ES": after epsilon scaling.')
+    for ds in sorted({k[0] for k in runs}):
+        n = next(rs[0]['n'] for k, rs in runs.items() if k[0] == ds)
+        floor = final_floor(ds, n) if D.is_toy(ds) else None
+        methods = [m for m in METHODS if any((ds, rg, m) in runs for rg in REGIMES)]
+        methods += sorted({k[2] for k in runs if k[0] == ds and k[2] not in METHODS})
+        md.append(f'\n### {ds}: final {key[ds]} against S' + (f" (perfect-model floor {fmt(floor)})" if floor else ''))
+        cols = [m for m in methods if m != 'vanilla']
+        md.append('| T | sampler | S | vanilla | vanilla+ES | ' + ' | '.join(cols) + ' | ' +
+                  ' | '.join(c + '+ES' for c in cols) + ' |')
+        md.append('|' + '---|' * (5 + 2 * len(cols)))
+        for rg in REGIMES:
+            base = runs.get((ds, rg, 'vanilla'), [])
+            for sampler in ('ddpm', 'ddim'):
+                for S in STEPS:
+                    if not base or not row_of(base[0], sampler, S):
+                        continue
+                    van = stat([row_of(r, sampler, S)[key[ds]] for r in base])
+                    cells = [paired(base, base, key[ds] + '_es', sampler, S, key[ds])]
+                    cells += [paired(runs.get((ds, rg, m), []), base, key[ds], sampler, S) for m in cols]
+                    cells += [paired(runs.get((ds, rg, m), []), base, key[ds] + '_es', sampler, S, key[ds])
+                              for m in cols]
+                    summary['final'][f'{ds}/{rg}/{sampler}/{S}'] = dict(vanilla=van, cells=dict(zip(
+                        ['vanilla+ES'] + cols + [c + '+ES' for c in cols], cells)))
+                    md.append(f"| {rg[1:]} | {sampler} | {S} | {fmt(van)} | " + ' | '.join(map(fmt, cells)) + ' |')
+        # shape: D_MMD(0) of the ancestral chain and A(0) of an error injected at 0.9 T / 0.5 T / 0.1 T
+        md.append(f'\n### {ds}: shape of D_MMD(t) (laplace kernel, value at t = 0 and max over t) and '
+                  'amplification A(0) of an error (RMS 0.1) injected at t0, ancestral chain; mean over seeds')
+        md.append('| T | S | method | D_MMD(0) | max_t D_MMD | ' + ' | '.join(f'A(0), t0 = {f} T' for f in T0_FRACTIONS) + ' |')
+        md.append('|' + '---|' * (5 + len(T0_FRACTIONS)))
+        for rg in REGIMES:
+            for S in CURVE_STEPS:
+                for m in methods:
+                    rs = [r for r in runs.get((ds, rg, m), []) if str(S) in r.get('curves', {})]
+                    if not rs:
+                        continue
+                    d0 = stat([r['curves'][str(S)]['laplace'][-1] for r in rs])
+                    dmax = stat([max(r['curves'][str(S)]['laplace']) for r in rs])
+                    amps = [stat([r['faulttol'][str(S)][str(f)]['amp'][-1] for r in rs]) for f in T0_FRACTIONS]
+                    summary['shape'][f'{ds}/{rg}/{S}/{m}'] = dict(d_mmd0=d0, d_mmd_max=dmax, amp0=amps)
+                    md.append(f'| {rg[1:]} | {S} | {m} | {fmt(d0)} | {fmt(dmax)} | ' +
+                              ' | '.join(fmt(x, 3) for x in amps) + ' |')
+        plot_final(plt, ds, runs, key[ds], methods, floor)
+        plot_curves(plt, ds, runs, methods)
+    reg_rows = reg_signal(runs)
+    summary['reg'] = reg_rows
+    if reg_rows:
+        md.append('\n### The regulariser\'s signal: logged L_reg over the last 20 % of training against its '
+                  'perfect-model floor (reg_floor), and |grad of lambda_reg w_r L_reg| / |grad of lambda_nll L_nll| '
+                  '(bench.py --what reg-grad, seed 0, end of training)')
+        md.append('| data set | T | method | L_reg (end) | floor | ratio | grad fraction (median) |')
+        md.append('|---|---|---|---|---|---|---|')
+        for k, v in reg_rows.items():
+            md.append(f"| {' | '.join(k.split('/'))} | {fmt(v['end'])} | {fmt(v['floor'])} | "
+                      f"{fmt(v['ratio'], 2)} | {v['grad_fraction'] if v['grad_fraction'] is not None else '-'} |")
+        plot_reg_signal(plt, runs)
+    for ds, t in timing.items():
+        md.append(f'\n### {ds}: cost of one training step (`python bench.py --what methods`, interleaved, 1 thread)')
+        md.append('| method | ms/step | ratio to vanilla | peak memory (MB) |')
+        md.append('|---|---|---|---|')
+        for m, r in t['methods'].items():
+            md.append(f"| {m} | {1e3 * r['s_per_step']:.1f} | {r['ratio']:.2f} | {r.get('peak_mem_MB', '-')} |")
+    R.write_json(os.path.join(RES, 'steps_summary.json'), summary)
+    R.atomic_write(os.path.join(RES, 'steps_tables.md'), lambda f: f.write('\n'.join(md) + '\n'), binary=False)
+    print(f"step-count report: {sum(map(len, runs.values()))} runs -> {RES}/steps_tables.md")
+
+
+def reg_signal(runs):
+    rows = {}
+    for (ds, rg, m), rs in runs.items():
+        rs = [r for r in rs if 'reg_floor' in r and r.get('reg_curve')]
+        if not rs:
+            continue
+        ends = [float(np.mean([v for _, v in r['reg_curve'][-max(1, len(r['reg_curve']) // 5):]])) for r in rs]
+        floors = [r['reg_floor']['mean'] for r in rs]
+        g = next((r['reg_grad']['median_ratio'] for r in rs if 'reg_grad' in r), None)
+        rows[f'{ds}/{rg[1:]}/{m}'] = dict(end=stat(ends), floor=stat(floors),
+                                          ratio=stat([e / f for e, f in zip(ends, floors)]),
+                                          grad_fraction=None if g is None else round(g, 3))
+    return rows
+
+
+def plot_final(plt, ds, runs, key, methods, floor):
+    fig, axes = plt.subplots(len(REGIMES), 2, figsize=(12, 4 * len(REGIMES)), squeeze=False)
+    for i, rg in enumerate(REGIMES):
+        for j, sampler in enumerate(('ddpm', 'ddim')):
+            ax = axes[i][j]
+            for c, m in enumerate(methods):
+                rs = runs.get((ds, rg, m), [])
+                for k, ls in ((key, '-'), (key + '_es', ':')):
+                    pts = [(S, stat([row_of(r, sampler, S).get(k) for r in rs if row_of(r, sampler, S)]))
+                           for S in STEPS]
+                    pts = [(S, st) for S, st in pts if st]
+                    if pts and (ls == '-' or m == 'vanilla'):
+                        ax.errorbar([p[0] for p in pts], [p[1]['mean'] for p in pts], [p[1]['std'] for p in pts],
+                                    ls=ls, marker='o', ms=3, capsize=2, color=f'C{c}',
+                                    label=m + (' + ES' if ls == ':' else ''))
+            if floor:
+                ax.axhspan(floor['mean'] - floor['std'], floor['mean'] + floor['std'], color='grey', alpha=.3,
+                           label='perfect model')
+            ax.set_xscale('log')
+            ax.set_title(f'{ds}, trained with {rg}, {sampler}')
+            ax.set_xlabel('sampling steps S')
+            ax.set_ylabel(key)
+            ax.legend(fontsize=7)
+    R.save_figure(fig, os.path.join(RES, f'steps_final_{ds}.png'), dpi=80)
+    plt.close(fig)
+
+
+def plot_curves(plt, ds, runs, methods):
+    panels = [(rg, S) for rg in REGIMES for S in CURVE_STEPS if S <= int(rg[1:])]
+    fig, axes = plt.subplots(2, len(panels), figsize=(5 * len(panels), 8), squeeze=False)
+    for j, (rg, S) in enumerate(panels):
+        for c, m in enumerate(methods):
+            rs = [r for r in runs.get((ds, rg, m), []) if str(S) in r.get('curves', {})]
+            if not rs:
+                continue
+            cv = rs[0]['curves'][str(S)]
+            axes[0][j].plot(cv['t'], np.mean([r['curves'][str(S)]['laplace'] for r in rs], 0), color=f'C{c}', label=m)
+            for f, ls in zip(T0_FRACTIONS, ('-', '--', ':')):
+                ft = rs[0]['faulttol'][str(S)][str(f)]
+                axes[1][j].plot(ft['t'], np.mean([r['faulttol'][str(S)][str(f)]['amp'] for r in rs], 0),
+                                ls=ls, color=f'C{c}', label=f'{m}, t0={ft["t0"]}' if c == 0 or f == 0.9 else None)
+        axes[0][j].set_title(f'{ds}, {rg}, S = {S}: D_MMD(t) (laplace)')
+        axes[1][j].set_title(f'A(t) = gap(t) / gap(t0)')
+        axes[1][j].set_yscale('log')
+        for ax in axes[:, j]:
+            ax.invert_xaxis()
+            ax.set_xlabel('t')
+            ax.legend(fontsize=6)
+    R.save_figure(fig, os.path.join(RES, f'steps_curves_{ds}.png'), dpi=80)
+    plt.close(fig)
+
+
+def plot_reg_signal(plt, runs):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for c, ((ds, rg, m), rs) in enumerate(sorted(runs.items())):
+        rs = [r for r in rs if 'reg_floor' in r and r.get('reg_curve')]
+        if not rs:
+            continue
+        n = min(len(r['reg_curve']) for r in rs)
+        y = np.mean([np.array([v for _, v in r['reg_curve'][:n]]) / r['reg_floor']['mean'] for r in rs], 0)
+        y = np.convolve(y, np.ones(10) / 10, mode='valid') if n >= 10 else y
+        ax.plot([s for s, _ in rs[0]['reg_curve'][:n]][-len(y):], y, color=f'C{c % 10}', label=f'{ds} {rg} {m}')
+    ax.axhline(1, color='k', lw=.8)
+    ax.set_xlabel('training step')
+    ax.set_ylabel('L_reg / perfect-model floor (moving mean of 10 logs)')
+    ax.legend(fontsize=6)
+    R.save_figure(fig, os.path.join(RES, 'steps_reg_signal.png'), dpi=80)
+    plt.close(fig)
+

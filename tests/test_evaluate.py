@@ -19,6 +19,7 @@ from pytorch_fid.fid_score import calculate_frechet_distance
 import data as D
 import evaluate as ev
 import fid as F
+import runtime as R
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -263,6 +264,100 @@ def test_classifier_features_and_scores(mnist_net):
     noise = torch.randint(0, 256, (100, 1, 14, 14), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     sn = F.classifier_scores(net, noise, ref)
     assert sn['fd'] > 10 * sc['fd'] > 0 and sn['kid'] > 10 * abs(sc['kid']) and set(sc) == {'fd', 'kid', 'kid_std'}
+
+
+def write_idx(path, arr):
+    """uint8 images (N, H, W) or labels (N,) as an (uncompressed) idx file."""
+    head = np.array([0x800 + arr.ndim, *arr.shape], dtype='>i4').tobytes()
+    path.write_bytes(head + np.ascontiguousarray(arr, np.uint8).tobytes())
+
+
+@pytest.fixture(scope='module')
+def mnist_small(tmp_path_factory):
+    """A data dir with the first 3,000 MNIST training digits (a cheap reference set), and .npz
+    samples: 200 real t10k digits and 200 noise images, 14x14."""
+    root = tmp_path_factory.mktemp('mnist_small')
+    raw = root / 'MNIST' / 'raw'
+    raw.mkdir(parents=True)
+    x, y = D.load_mnist_labelled(DATA_ROOT, 'train', download=False)
+    write_idx(raw / 'train-images-idx3-ubyte', x[:3000, 0].numpy())
+    write_idx(raw / 'train-labels-idx1-ubyte', y[:3000].numpy())
+    real = D.load_mnist_labelled(DATA_ROOT, 'test', 14, download=False)[0][:200, 0].numpy()
+    noise = np.random.default_rng(0).integers(0, 256, real.shape, dtype=np.uint8)
+    np.savez(root / 'real.npz', samples=real)
+    np.savez(root / 'noise.npz', samples=noise)
+    return root
+
+
+@need_mnist
+def test_fid_cli_mnist_classifier(mnist_net, mnist_small, tmp_path, capsys):
+    _, info, path = mnist_net
+    common = ['fid', '--features', 'mnist-classifier', '--classifier', path, '--data-dir', str(mnist_small),
+              '--device', 'cpu']
+    res = {}
+    for name in ('real', 'noise'):
+        ev.main(common + ['--samples', str(mnist_small / f'{name}.npz'), '--out', str(tmp_path / name)])
+        res[name] = json.load(open(tmp_path / f'{name}.json'))
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        assert line.startswith(f"FD_mnist-classifier {res[name]['fid']:.4f} KID ") and 'not an Inception FID' in line
+    r, n = res['real'], res['noise']
+    assert (r['features'], r['dataset'], r['n'], r['n_ref'], r['image_size']) == ('mnist-classifier', 'mnist', 200, 3000, 14)
+    assert r['test_accuracy'] == info['test_accuracy'] and r['classifier'] == path and r['classifier_info'] == info
+    assert n['fid'] > 10 * r['fid'] > 0 and n['kid'] > 10 * abs(r['kid']) and r['kid_std'] >= 0
+
+
+@need_mnist
+def test_fid_cli_mnist_classifier_ckpt(mnist_net, mnist_small, tmp_path, monkeypatch):
+    """--ckpt: samples drawn with the chain flags at the run's size; a non-MNIST run is refused
+    before any sampling."""
+    _, info, path = mnist_net
+    run = str(tmp_path / 'run')
+    train.main(['--dataset', 'mnist', '--data-dir', str(mnist_small), '--image-size', '14', '--model', 'tiny',
+                '--T', '10', '--max-steps', '2', '--batch-size', '8', '--n-preview', '4', '--log-every', '1',
+                '--out-dir', run, '--device', 'cpu'])
+    common = ['fid', '--ckpt', run, '--features', 'mnist-classifier', '--classifier', path, '--n', '8',
+              '--sample-batch', '8', '--device', 'cpu']
+    ev.main(common + ['--sampler', 'ddim', '--steps', '5', '--out', str(tmp_path / 'f')])
+    r = json.load(open(tmp_path / 'f.json'))
+    assert (r['n'], r['sampler'], r['steps'], r['ckpt'], r['n_ref'], r['image_size']) == (8, 'ddim', 5, run, 3000, 14)
+    assert r['test_accuracy'] == info['test_accuracy'] and r['fid'] > 0
+    load = R.load_checkpoint
+
+    def as_folder_run(*a, **k):   # the same network, claimed by a folder run
+        model, diff, cfg = load(*a, **k)
+        return model, diff, dict(cfg, dataset='folder')
+    monkeypatch.setattr(R, 'load_checkpoint', as_folder_run)
+    monkeypatch.setattr(R, 'generate', lambda *a, **k: pytest.fail('sampled before refusing'))
+    with pytest.raises(SystemExit, match='models folder'):
+        ev.main(common + ['--out', str(tmp_path / 'g')])
+    assert not os.path.exists(tmp_path / 'g.json')
+
+
+def test_fid_cli_mnist_classifier_refuses_other_data(tmp_path, monkeypatch):
+    """A non-MNIST data set, or a flag of the other features: one line, before anything is read."""
+    def nothing(*a, **k):
+        raise AssertionError('read or computed something before refusing')
+    for fn in ('load_samples', 'mnist_classifier', 'inception_model'):
+        monkeypatch.setattr(F, fn, nothing)
+    npz = str(tmp_path / 's.npz')
+    cls = ['--features', 'mnist-classifier', '--classifier', str(tmp_path / 'c.pt')]
+    for args, word in ((cls + ['--dataset', 'cifar10'], 'not cifar10'),
+                       (cls + ['--random-inception'], '--random-inception goes with --features inception'),
+                       (['--classifier', str(tmp_path / 'c.pt')], '--classifier goes with')):
+        with pytest.raises(SystemExit) as e:
+            ev.main(['fid', '--samples', npz, '--out', str(tmp_path / 'x'), '--device', 'cpu'] + args)
+        msg = str(e.value)
+        assert msg.startswith('error:') and '\n' not in msg and word in msg, msg
+    assert os.listdir(tmp_path) == []
+
+
+@need_mnist
+def test_fid_cli_mnist_classifier_size_mismatch(mnist_small, tmp_path):
+    with pytest.raises(SystemExit, match=r'at 28x28 needs \(1, 28, 28\) images; the samples are \(1, 14, 14\)'):
+        ev.main(['fid', '--features', 'mnist-classifier', '--samples', str(mnist_small / 'real.npz'),
+                 '--image-size', '28', '--classifier', str(tmp_path / 'c.pt'), '--out', str(tmp_path / 'x'),
+                 '--data-dir', str(mnist_small), '--device', 'cpu'])
+    assert os.listdir(tmp_path) == []
 
 
 # ---- few-step chains: faulttol and es-search through the command line ---------------------------

@@ -211,23 +211,48 @@ def _load_cifar10(data_dir, download):
     return x
 
 
-def _mnist_file(data_dir):
+def _mnist_file(data_dir, name='train-images-idx3-ubyte'):
     for d in (os.path.join(data_dir, 'MNIST', 'raw'), os.path.join(data_dir, 'raw'), data_dir):
-        for name in ('train-images-idx3-ubyte.gz', 'train-images-idx3-ubyte'):
-            if os.path.isfile(os.path.join(d, name)):
-                return os.path.join(d, name)
+        for file in (name + '.gz', name):
+            if os.path.isfile(os.path.join(d, file)):
+                return os.path.join(d, file)
     return None
 
 
-def _load_mnist(data_dir, download):
-    path = _find(_mnist_file, data_dir, download, 'MNIST', 'MNIST',
-                 f"put train-images-idx3-ubyte(.gz) in {os.path.join(data_dir, 'MNIST', 'raw')}")
+def _read_idx(path, magic):
+    """An idx file, gzipped or not -> uint8 array of the shape its header gives: magic 2051 (idx3,
+    images (N, H, W)) or 2049 (idx1, labels (N,)); the low byte of the magic is the rank."""
     with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
         raw = f.read()
-    magic, n, h, w = np.frombuffer(raw[:16], dtype='>i4')
-    if magic != 2051:
-        raise ValueError(f"{path} is not an idx3 image file (magic {magic}, expected 2051)")
-    return torch.from_numpy(np.frombuffer(raw[16:], dtype=np.uint8).reshape(n, 1, h, w).copy())
+    got, ndim = int(np.frombuffer(raw[:4], dtype='>i4')[0]), magic & 0xff
+    if got != magic:
+        raise ValueError(f"{path} is not an idx{ndim} {'image' if ndim == 3 else 'label'} file "
+                         f"(magic {got}, expected {magic})")
+    shape = np.frombuffer(raw[4:4 + 4 * ndim], dtype='>i4')
+    return np.frombuffer(raw[4 + 4 * ndim:], dtype=np.uint8).reshape(shape).copy()
+
+
+def _mnist_idx(data_dir, download, name, magic):
+    path = _find(functools.partial(_mnist_file, name=name), data_dir, download, 'MNIST', f'MNIST {name}',
+                 f"put {name}(.gz) in {os.path.join(data_dir, 'MNIST', 'raw')}")
+    return _read_idx(path, magic)
+
+
+def _load_mnist(data_dir, download):
+    return torch.from_numpy(_mnist_idx(data_dir, download, 'train-images-idx3-ubyte', 2051)[:, None])
+
+
+def load_mnist_labelled(data_dir, split='train', image_size=None, download=True):
+    """(uint8 images (N, 1, H, W), int64 labels (N,)) of MNIST's 'train' (60,000) or 'test' (t10k,
+    10,000) split, resized to image_size (None: native 28)."""
+    if split not in ('train', 't10k', 'test'):
+        raise ValueError(f"MNIST split {split!r}: use 'train' or 'test'")
+    pre = 'train' if split == 'train' else 't10k'
+    x = torch.from_numpy(_mnist_idx(data_dir, download, f'{pre}-images-idx3-ubyte', 2051)[:, None])
+    y = torch.from_numpy(_mnist_idx(data_dir, download, f'{pre}-labels-idx1-ubyte', 2049)).long()
+    if len(x) != len(y):
+        raise ValueError(f'MNIST {split}: {len(x)} images but {len(y)} labels under {data_dir}')
+    return _resize(x, image_size), y
 
 
 def _load_imagenet32(data_dir):

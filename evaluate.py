@@ -5,6 +5,7 @@
     python evaluate.py fid --ckpt out/cifar10 --n 50000                  # EMA weights, 1000 steps
     torchrun --nproc_per_node=8 evaluate.py fid --ckpt out/cifar10 --num-samples 50000
     python evaluate.py fid --samples samples.npz --dataset cifar10 --data-dir data
+    python evaluate.py fid --ckpt out/mnist --n 10000 --features mnist-classifier   # digits: FD and KID
     python evaluate.py quanterr --ckpt out/8gaussians --quant w8a8 w4a8     # quantised sampling
     python evaluate.py faulttol --ckpt out/8gaussians --steps 20 --t0 10 --delta 0.1   # Theorem 4.1
     python evaluate.py es-search --ckpt out/8gaussians --steps 20     # epsilon scaling (ADM-ES)
@@ -15,7 +16,9 @@ exposure bias delta_t of ADM-ES beside it. faulttol perturbs one of two chains t
 and their noise at t0 and follows the gap (the paper's Theorem 4.1, measured). es-search picks
 the epsilon-scaling factor for a checkpoint and step count on a grid. fid uses
 pytorch-fid's Inception (2048-d pool3 features, fid.py) against statistics of the training set,
-computed once and cached as .npz. Every output file is written atomically.
+computed once and cached as .npz; on MNIST, --features mnist-classifier measures the Frechet
+distance and KID in the features of a small digit classifier that fid.py trains once and caches.
+Every output file is written atomically.
 """
 import argparse
 import os
@@ -173,12 +176,44 @@ def run_es_search(a):
           f"(D_MMD(0) {best['d_mmd0']:.4g}; metric: {metric}) -> {a.out}.json")
 
 
-# ---- fid: pytorch-fid's Inception against cached training-set statistics -----------------------
+# ---- fid: pytorch-fid's Inception against cached training-set statistics, or (MNIST) the ----------
+# ---- Frechet distance and KID in the features of the project's own digit classifier -------------
+def check_feature_flags(a):
+    """Flags that belong to the other --features, and a non-MNIST --dataset, fail at once."""
+    if a.features == 'inception':
+        if a.classifier:
+            R.fail('--classifier goes with --features mnist-classifier')
+        return
+    inception_only = [f for f, on in (('--ref-stats', a.ref_stats), ('--inception-weights', a.inception_weights),
+                                      ('--dims', a.dims != 2048), ('--random-inception', a.random_inception)) if on]
+    if inception_only:
+        R.fail(f'{inception_only[0]} goes with --features inception, not mnist-classifier')
+    if a.dataset not in (None, 'mnist'):
+        R.fail(f'--features mnist-classifier scores MNIST digits, not {a.dataset}: use --features inception')
+
+
+def classifier_on_ranks(a, data_dir, size, device, rank, world):
+    """(net, info, path) of the MNIST classifier: rank 0 reads or trains it first, the others then
+    read its cache (seed 0 always: every run is scored by the same network, whatever its --seed)."""
+    path = a.classifier or F.classifier_path(data_dir, size)
+    if not os.path.isfile(path):
+        R.check_writable(path)   # before a minute of training, not after
+    if rank == 0:
+        net, info = F.mnist_classifier(data_dir, size, device, path=path)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        net, info = F.mnist_classifier(data_dir, size, device, path=path)
+    return net, info, path
+
+
 def run_fid(a):
     if bool(a.ckpt) == bool(a.samples):
         R.fail('pass exactly one of --ckpt RUN and --samples DIR_or_NPZ')
     if a.n is not None and a.n < 2:
         R.fail('--n must be >= 2 (a covariance needs two samples)')
+    check_feature_flags(a)
+    classifier = a.features == 'mnist-classifier'
     R.check_writable(a.out + '.json')
     x, cfg = None, {}
     if a.samples:   # open the samples first: a bad file fails before any statistics are computed
@@ -188,17 +223,32 @@ def run_fid(a):
         model, diff, cfg = R.load_checkpoint(a.ckpt, device, ema=True)
         if len(cfg['data_shape']) != 3:
             R.fail(f"{a.ckpt} models {cfg['dataset']} vectors; FID needs images (use `evaluate.py errprop`)")
+        if classifier and not a.dataset and cfg['dataset'] != 'mnist':
+            R.fail(f"--features mnist-classifier scores MNIST digits; {a.ckpt} models {cfg['dataset']}")
         chain = R.chain_kwargs(a, diff)
         model = quant.for_sampling(model, diff, tuple(cfg['data_shape']), a.ckpt, a.quant,
                                    a.quant_compensate, a.calib_traj, a.recalibrate, device, **chain)
-    dataset = a.dataset or cfg.get('dataset')
+    dataset = a.dataset or cfg.get('dataset') or ('mnist' if classifier else None)
     data_dir = a.data_dir or cfg.get('data_dir', 'data')
     image_size = a.image_size or cfg.get('image_size')
-    net_tag = (f'random-init seed {a.seed}' if a.random_inception else F.FID_WEIGHTS) + f', dims {a.dims}'
-    ref = a.ref_stats or F.ref_stats_path(dataset, data_dir, image_size, a.dims, a.random_inception)
-    inc = F.inception_model(a.inception_weights, a.random_inception, device, a.seed, a.dims)
-    ref_mu, ref_sigma = F.ref_stats(ref, inc, net_tag, dataset, data_dir, image_size, a.sample_batch,
-                                    device, rank, world)
+    if classifier:   # the network sees the samples as they are: its size is theirs
+        shape = tuple(cfg['data_shape']) if a.ckpt else tuple(x.shape[1:])
+        size = a.image_size or shape[-1]
+        if shape != (1, size, size):
+            R.fail(f"the MNIST classifier at {size}x{size} needs (1, {size}, {size}) images; the "
+                   f"{'checkpoint makes' if a.ckpt else 'samples are'} {shape}")
+        net, info, cls_path = classifier_on_ranks(a, data_dir, size, device, rank, world)
+        train = D.load_data('mnist', data_dir, size)
+        lo, hi = R.shard(len(train), rank, world)
+        ref_f = R.gather(F.classifier_features(net, train[lo:hi], a.sample_batch, device), world)
+        embed = lambda imgs: F.classifier_features(net, imgs, a.sample_batch, device)
+    else:
+        net_tag = (f'random-init seed {a.seed}' if a.random_inception else F.FID_WEIGHTS) + f', dims {a.dims}'
+        ref = a.ref_stats or F.ref_stats_path(dataset, data_dir, image_size, a.dims, a.random_inception)
+        inc = F.inception_model(a.inception_weights, a.random_inception, device, a.seed, a.dims)
+        ref_mu, ref_sigma = F.ref_stats(ref, inc, net_tag, dataset, data_dir, image_size, a.sample_batch,
+                                        device, rank, world)
+        embed = lambda imgs: F.inception_features(inc, imgs, a.sample_batch, device)
     if a.ckpt:   # each rank draws its share with its own seed, as sample.py does
         n = a.n or 50000
         lo, hi = R.shard(n, rank, world)
@@ -208,16 +258,26 @@ def run_fid(a):
         n = min(a.n or len(x), len(x))
         lo, hi = R.shard(n, rank, world)
         x = x[lo:hi]
-    f = R.gather(F.inception_features(inc, x, a.sample_batch, device), world)
+    f = R.gather(embed(x), world)
     if rank == 0:
-        fid = F.fid_from_stats(F.feature_stats(f), (ref_mu, ref_sigma))
         sampler, steps = (a.sampler, chain['steps'] or diff.T) if a.ckpt else (None, None)
-        warn = ' (random Inception: pipeline check only, not a FID)' if a.random_inception else ''
-        R.write_json(a.out + '.json', dict(fid=fid, n=len(f), sampler=sampler, steps=steps, ckpt=a.ckpt,
-                                           ema=bool(a.ckpt), samples=a.samples, seed=a.seed, dataset=dataset,
-                                           ref_stats=ref, inception=net_tag + warn))
-        print(f'FID {fid:.4f} (n={len(f)}, sampler={sampler}, steps={steps}, ckpt={a.ckpt}, '
-              f'samples={a.samples}, ref={ref}){warn} -> {a.out}.json')
+        run = dict(n=len(f), sampler=sampler, steps=steps, ckpt=a.ckpt, ema=bool(a.ckpt), samples=a.samples,
+                   seed=a.seed, dataset=dataset, features=a.features)
+        if classifier:
+            sc = F.feature_scores(f, ref_f, a.seed)
+            R.write_json(a.out + '.json', dict(fid=sc['fd'], kid=sc['kid'], kid_std=sc['kid_std'], **run,
+                                               test_accuracy=info['test_accuracy'], classifier=cls_path,
+                                               classifier_info=info, image_size=size, n_ref=len(ref_f)))
+            print(f"FD_mnist-classifier {sc['fd']:.4f} KID {sc['kid']:.5f} ± {sc['kid_std']:.5f} (features of "
+                  f"the project's MNIST classifier, test accuracy {info['test_accuracy']:.2%}; not an Inception "
+                  f"FID; n={len(f)} vs {len(ref_f)} training digits at {size}x{size}, sampler={sampler}, "
+                  f"steps={steps}, ckpt={a.ckpt}, samples={a.samples}) -> {a.out}.json")
+        else:
+            fid = F.fid_from_stats(F.feature_stats(f), (ref_mu, ref_sigma))
+            warn = ' (random Inception: pipeline check only, not a FID)' if a.random_inception else ''
+            R.write_json(a.out + '.json', dict(fid=fid, **run, ref_stats=ref, inception=net_tag + warn))
+            print(f'FID {fid:.4f} (n={len(f)}, sampler={sampler}, steps={steps}, ckpt={a.ckpt}, '
+                  f'samples={a.samples}, ref={ref}){warn} -> {a.out}.json')
     R.teardown()
 
 
@@ -299,6 +359,11 @@ def main(argv=None):
                    help="Inception block (pytorch-fid's --dims); FID is defined on 2048")
     f.add_argument('--random-inception', action='store_true',
                    help='random Inception weights: pipeline check only, not a FID')
+    f.add_argument('--features', choices=('inception', 'mnist-classifier'), default='inception',
+                   help='inception: FID; mnist-classifier (MNIST only): Frechet distance and KID in the '
+                        "128-d features of the project's own digit CNN, trained once and cached")
+    f.add_argument('--classifier', help='cached MNIST classifier .pt (default: <data-dir>/mnist_classifier_'
+                                        '<size>_s0.pt, or ./ if data-dir is read-only); trained if absent')
     f.set_defaults(run=run_fid, out='fid')
 
     t = sub.add_parser('faulttol', help="Theorem 4.1 measured: does the chain amplify an error injected at t0?")

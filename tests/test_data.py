@@ -41,6 +41,31 @@ def test_mnist_real_copy():
     assert abs(x.float().mean().item() - 33.3) < 0.2
 
 
+@need_mnist
+def test_mnist_labelled():
+    x, y = data.load_mnist_labelled(DATA_ROOT, 'test', download=False)
+    assert x.shape == (10000, 1, 28, 28) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    assert y[:5].tolist() == [7, 2, 1, 0, 4] and torch.bincount(y).min() > 800   # t10k's first labels
+    x14, y14 = data.load_mnist_labelled(DATA_ROOT, 'test', image_size=14, download=False)
+    assert x14.shape == (10000, 1, 14, 14) and torch.equal(y14, y)
+    xt, yt = data.load_mnist_labelled(DATA_ROOT, 'train', download=False)
+    assert torch.equal(xt, data.load_data('mnist', DATA_ROOT, download=False)) and len(yt) == 60000
+
+
+def test_mnist_labelled_errors(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        data.load_mnist_labelled(str(tmp_path), 'test', download=False)
+    msg = str(e.value)
+    assert 't10k-images-idx3-ubyte' in msg and str(tmp_path) in msg and '--data-dir' in msg and '\n' not in msg
+    raw = tmp_path / 'MNIST' / 'raw'
+    raw.mkdir(parents=True)
+    (raw / 't10k-images-idx3-ubyte').write_bytes(b'\x00\x00\x08\x01' + b'\x00\x00\x00\x01' + b'\x07')
+    with pytest.raises(ValueError, match='not an idx3 image file .magic 2049, expected 2051'):
+        data.load_mnist_labelled(str(tmp_path), 'test', download=False)
+    with pytest.raises(ValueError, match='split'):
+        data.load_mnist_labelled(str(tmp_path), 'val')
+
+
 @pytest.mark.parametrize('name,word', [('cifar10', 'cifar-10-batches-py'), ('mnist', 'train-images'),
                                        ('imagenet32', 'train_data_batch'), ('celeba64', 'img_align_celeba')])
 def test_missing_data_error(tmp_path, name, word):

@@ -16,13 +16,17 @@ from PIL import Image
 from pytorch_fid import inception as I
 from pytorch_fid.fid_score import calculate_frechet_distance
 
+import data as D
 import evaluate as ev
 import fid as F
+import runtime as R
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_ROOT = os.environ.get('DATA_ROOT', os.path.join(REPO, '..', 'shared', 'data'))
 CIFAR1 = os.path.join(DATA_ROOT, 'cifar-10-batches-py', 'data_batch_1')
+need_mnist = pytest.mark.skipif(D._mnist_file(DATA_ROOT, 't10k-labels-idx1-ubyte') is None,
+                                reason=f'MNIST idx files (train and t10k) not found under {DATA_ROOT} (set DATA_ROOT)')
 
 
 @pytest.fixture(scope='module')
@@ -188,6 +192,172 @@ def test_fid_cli_samples_and_cached_ref_stats(tmp_path, capsys):
         ev.main(common[:-1] + [str(tmp_path / 'none.npz'), '--samples', npz])
     with pytest.raises(SystemExit, match='exactly one'):
         ev.main(['fid'])
+
+
+# ---- MNIST classifier features: Frechet distance and KID -----------------------------------------
+
+def slow_mmd2(x, y):
+    """The unbiased MMD^2 under (x.y / d + 1)^3, term by term."""
+    k = lambda a, b: (sum(float(ai) * float(bi) for ai, bi in zip(a, b)) / len(a) + 1) ** 3
+    m = len(x)
+    pairs = [(i, j) for i in range(m) for j in range(m) if i != j]
+    return (sum(k(x[i], x[j]) + k(y[i], y[j]) for i, j in pairs) / len(pairs)
+            - 2 * sum(k(a, b) for a in x for b in y) / m ** 2)
+
+
+def test_kid_numbers():
+    g = np.random.default_rng(0)
+    x, y = g.normal(size=(5, 3)), g.normal(size=(5, 3)) + 0.5
+    mean, std = F.kid(x, y, subsets=3, subset_size=100)   # m = 5: every subset is a whole set
+    assert mean == pytest.approx(slow_mmd2(x, y), rel=1e-12) and std < 1e-12
+    a, b = g.normal(size=(600, 16)).astype(np.float32), g.normal(size=(600, 16)).astype(np.float32)
+    same, same_std = F.kid(a, b, subset_size=300)
+    shifted, _ = F.kid(a, b + 0.5, subset_size=300)
+    assert abs(same) < 0.01 and same_std < 0.01 and shifted > 0.1 > 10 * abs(same)
+    assert F.kid(a, b, subset_size=300) == (same, same_std)            # seeded subsets
+    assert F.kid(a, b, subset_size=300, seed=1) != (same, same_std)
+    with pytest.raises(ValueError, match='at least 2'):
+        F.kid(a[:1], b)
+
+
+@pytest.fixture(scope='module')
+def mnist_net(tmp_path_factory):
+    """A 14x14 classifier trained on 6,000 real digits (2 epochs, ~3 s), cached in a tmp file."""
+    path = str(tmp_path_factory.mktemp('cls') / 'c14.pt')
+    net, info = F.mnist_classifier(DATA_ROOT, 14, n_train=6000, path=path, download=False)
+    return net, info, path
+
+
+@need_mnist
+def test_mnist_classifier_trains_caches_and_reloads(mnist_net, tmp_path, capsys):
+    net, info, path = mnist_net
+    assert info['test_accuracy'] > 0.8                   # chance: 0.1
+    assert (info['epochs'], info['seed'], info['image_size'], info['n_train']) == (2, 0, 14, 6000)
+    mtime = os.stat(path).st_mtime_ns
+    net2, info2 = F.mnist_classifier(DATA_ROOT, 14, path=path, epochs=5)   # the cache wins, as it is
+    assert info2 == info and os.stat(path).st_mtime_ns == mtime and not net2.training
+    assert all(torch.equal(p, q) for p, q in zip(net.state_dict().values(), net2.state_dict().values()))
+    # training is seeded: the same settings give the same weights
+    a, _ = F.mnist_classifier(DATA_ROOT, 14, epochs=1, n_train=500, path=str(tmp_path / 'a.pt'), download=False)
+    b, _ = F.mnist_classifier(DATA_ROOT, 14, epochs=1, n_train=500, path=str(tmp_path / 'b.pt'), download=False)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert 'test accuracy' in capsys.readouterr().out
+    with pytest.raises(ValueError, match='not 28x28'):
+        F.mnist_classifier(DATA_ROOT, 28, path=path)
+    (tmp_path / 'bad.pt').write_bytes(b'not a checkpoint')
+    with pytest.raises(ValueError, match='delete it'):
+        F.mnist_classifier(DATA_ROOT, 14, path=str(tmp_path / 'bad.pt'))
+
+
+@need_mnist
+def test_classifier_features_and_scores(mnist_net):
+    net, _, _ = mnist_net
+    x, _ = D.load_mnist_labelled(DATA_ROOT, 'test', 14, download=False)
+    f = F.classifier_features(net, x[:300], 128)
+    assert f.shape == (300, 128) and f.dtype == np.float32 and (f.std(0) > 0).all()   # no dead dims
+    assert np.allclose(F.classifier_features(net, x[:7].numpy(), 3), f[:7], atol=1e-5)
+    with pytest.raises(ValueError, match=r'\(N, 1, 14, 14\)'):
+        F.classifier_features(net, x[:2].float())
+    ref, real = f[:200], x[200:300]
+    sc = F.classifier_scores(net, real, ref)
+    assert F.classifier_scores(net, D.to_model_space(real), ref) == sc     # model space = its uint8
+    noise = torch.randint(0, 256, (100, 1, 14, 14), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    sn = F.classifier_scores(net, noise, ref)
+    assert sn['fd'] > 10 * sc['fd'] > 0 and sn['kid'] > 10 * abs(sc['kid']) and set(sc) == {'fd', 'kid', 'kid_std'}
+
+
+def write_idx(path, arr):
+    """uint8 images (N, H, W) or labels (N,) as an (uncompressed) idx file."""
+    head = np.array([0x800 + arr.ndim, *arr.shape], dtype='>i4').tobytes()
+    path.write_bytes(head + np.ascontiguousarray(arr, np.uint8).tobytes())
+
+
+@pytest.fixture(scope='module')
+def mnist_small(tmp_path_factory):
+    """A data dir with the first 3,000 MNIST training digits (a cheap reference set), and .npz
+    samples: 200 real t10k digits and 200 noise images, 14x14."""
+    root = tmp_path_factory.mktemp('mnist_small')
+    raw = root / 'MNIST' / 'raw'
+    raw.mkdir(parents=True)
+    x, y = D.load_mnist_labelled(DATA_ROOT, 'train', download=False)
+    write_idx(raw / 'train-images-idx3-ubyte', x[:3000, 0].numpy())
+    write_idx(raw / 'train-labels-idx1-ubyte', y[:3000].numpy())
+    real = D.load_mnist_labelled(DATA_ROOT, 'test', 14, download=False)[0][:200, 0].numpy()
+    noise = np.random.default_rng(0).integers(0, 256, real.shape, dtype=np.uint8)
+    np.savez(root / 'real.npz', samples=real)
+    np.savez(root / 'noise.npz', samples=noise)
+    return root
+
+
+@need_mnist
+def test_fid_cli_mnist_classifier(mnist_net, mnist_small, tmp_path, capsys):
+    _, info, path = mnist_net
+    common = ['fid', '--features', 'mnist-classifier', '--classifier', path, '--data-dir', str(mnist_small),
+              '--device', 'cpu']
+    res = {}
+    for name in ('real', 'noise'):
+        ev.main(common + ['--samples', str(mnist_small / f'{name}.npz'), '--out', str(tmp_path / name)])
+        res[name] = json.load(open(tmp_path / f'{name}.json'))
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        assert line.startswith(f"FD_mnist-classifier {res[name]['fid']:.4f} KID ") and 'not an Inception FID' in line
+    r, n = res['real'], res['noise']
+    assert (r['features'], r['dataset'], r['n'], r['n_ref'], r['image_size']) == ('mnist-classifier', 'mnist', 200, 3000, 14)
+    assert r['test_accuracy'] == info['test_accuracy'] and r['classifier'] == path and r['classifier_info'] == info
+    assert n['fid'] > 10 * r['fid'] > 0 and n['kid'] > 10 * abs(r['kid']) and r['kid_std'] >= 0
+
+
+@need_mnist
+def test_fid_cli_mnist_classifier_ckpt(mnist_net, mnist_small, tmp_path, monkeypatch):
+    """--ckpt: samples drawn with the chain flags at the run's size; a non-MNIST run is refused
+    before any sampling."""
+    _, info, path = mnist_net
+    run = str(tmp_path / 'run')
+    train.main(['--dataset', 'mnist', '--data-dir', str(mnist_small), '--image-size', '14', '--model', 'tiny',
+                '--T', '10', '--max-steps', '2', '--batch-size', '8', '--n-preview', '4', '--log-every', '1',
+                '--out-dir', run, '--device', 'cpu'])
+    common = ['fid', '--ckpt', run, '--features', 'mnist-classifier', '--classifier', path, '--n', '8',
+              '--sample-batch', '8', '--device', 'cpu']
+    ev.main(common + ['--sampler', 'ddim', '--steps', '5', '--out', str(tmp_path / 'f')])
+    r = json.load(open(tmp_path / 'f.json'))
+    assert (r['n'], r['sampler'], r['steps'], r['ckpt'], r['n_ref'], r['image_size']) == (8, 'ddim', 5, run, 3000, 14)
+    assert r['test_accuracy'] == info['test_accuracy'] and r['fid'] > 0
+    load = R.load_checkpoint
+
+    def as_folder_run(*a, **k):   # the same network, claimed by a folder run
+        model, diff, cfg = load(*a, **k)
+        return model, diff, dict(cfg, dataset='folder')
+    monkeypatch.setattr(R, 'load_checkpoint', as_folder_run)
+    monkeypatch.setattr(R, 'generate', lambda *a, **k: pytest.fail('sampled before refusing'))
+    with pytest.raises(SystemExit, match='models folder'):
+        ev.main(common + ['--out', str(tmp_path / 'g')])
+    assert not os.path.exists(tmp_path / 'g.json')
+
+
+def test_fid_cli_mnist_classifier_refuses_other_data(tmp_path, monkeypatch):
+    """A non-MNIST data set, or a flag of the other features: one line, before anything is read."""
+    def nothing(*a, **k):
+        raise AssertionError('read or computed something before refusing')
+    for fn in ('load_samples', 'mnist_classifier', 'inception_model'):
+        monkeypatch.setattr(F, fn, nothing)
+    npz = str(tmp_path / 's.npz')
+    cls = ['--features', 'mnist-classifier', '--classifier', str(tmp_path / 'c.pt')]
+    for args, word in ((cls + ['--dataset', 'cifar10'], 'not cifar10'),
+                       (cls + ['--random-inception'], '--random-inception goes with --features inception'),
+                       (['--classifier', str(tmp_path / 'c.pt')], '--classifier goes with')):
+        with pytest.raises(SystemExit) as e:
+            ev.main(['fid', '--samples', npz, '--out', str(tmp_path / 'x'), '--device', 'cpu'] + args)
+        msg = str(e.value)
+        assert msg.startswith('error:') and '\n' not in msg and word in msg, msg
+    assert os.listdir(tmp_path) == []
+
+
+@need_mnist
+def test_fid_cli_mnist_classifier_size_mismatch(mnist_small, tmp_path):
+    with pytest.raises(SystemExit, match=r'at 28x28 needs \(1, 28, 28\) images; the samples are \(1, 14, 14\)'):
+        ev.main(['fid', '--features', 'mnist-classifier', '--samples', str(mnist_small / 'real.npz'),
+                 '--image-size', '28', '--classifier', str(tmp_path / 'c.pt'), '--out', str(tmp_path / 'x'),
+                 '--data-dir', str(mnist_small), '--device', 'cpu'])
+    assert os.listdir(tmp_path) == []
 
 
 # ---- few-step chains: faulttol and es-search through the command line ---------------------------

@@ -235,12 +235,13 @@ def mnist_classifier(data_dir, image_size, device='cpu', seed=0, epochs=2, path=
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     g = R.rng(seed, 'mnist-classifier-shuffle')
     t0 = time.time()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=g).split(batch_size):
-            loss = F.cross_entropy(net(D.to_model_space(x[idx]).to(device)), y[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    with torch.enable_grad():   # callers may sit under no_grad (sweep.evaluate_steps does)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(x), generator=g).split(batch_size):
+                loss = F.cross_entropy(net(D.to_model_space(x[idx]).to(device)), y[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
     net.eval()
     xt, yt = D.load_mnist_labelled(data_dir, 'test', size, download)
     info = dict(test_accuracy=_accuracy(net, xt, yt, device=device), epochs=epochs, seed=seed,

@@ -36,7 +36,7 @@ from report import RES
 
 STEPS = (10, 20, 50, 100, 1000)
 CURVE_STEPS = (20, 1000)
-ES_GRID = (1.0, 1.005, 1.01, 1.02, 1.05, 1.1)
+ES_GRID = (1.0, 1.005, 1.01, 1.02, 1.05, 1.1, 1.2, 1.3, 1.5)   # brackets the best B at every S on the toy sets
 T0_FRACTIONS = (0.9, 0.5, 0.1)
 SAMPLE_SEED, SELECT_SEED, FRESH_SEED, SELECT_FRESH_SEED, EVAL_SEED = 1, 3, 99991, 2, 0
 REGIMES = {'T1000': ['--T', '1000'], 'T50': ['--T', '50']}

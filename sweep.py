@@ -272,6 +272,7 @@ def report_steps(a):
         floor = final_floor(ds, n) if D.is_toy(ds) else None
         methods = [m for m in METHODS if any((ds, rg, m) in runs for rg in REGIMES)]
         methods += sorted({k[2] for k in runs if k[0] == ds and k[2] not in METHODS})
+        md += headline(ds, runs, key[ds], methods, timing.get(ds), floor)
         md.append(f'\n### {ds}: final {key[ds]} against S' + (f" (perfect-model floor {fmt(floor)})" if floor else ''))
         cols = [m for m in methods if m != 'vanilla']
         md.append('| T | sampler | S | vanilla | vanilla+ES | ' + ' | '.join(cols) + ' | ' +
@@ -331,6 +332,39 @@ def report_steps(a):
     R.write_json(os.path.join(RES, 'steps_summary.json'), summary)
     R.atomic_write(os.path.join(RES, 'steps_tables.md'), lambda f: f.write('\n'.join(md) + '\n'), binary=False)
     print(f"step-count report: {sum(map(len, runs.values()))} runs -> {RES}/steps_tables.md")
+
+
+HEADLINE = [('T1000', 10), ('T1000', 20), ('T1000', 100), ('T1000', 1000), ('T50', 10), ('T50', 20), ('T50', 50)]
+
+
+def headline(ds, runs, key, methods, timing, floor):
+    """method (and method + ES) x regime (T, S) -> paired change of the final metric, cost per
+    training step, and the amplification A(0) of an error injected at t0 = 0.5 T (S = 20)."""
+    md = []
+    for sampler in ('ddpm', 'ddim'):
+        md.append(f'\n### Headline, {ds}, {"ancestral" if sampler == "ddpm" else "DDIM"} sampling: change of the final '
+                  f'{key} against vanilla at the same seed (negative = better)')
+        md.append('| method | cost / step | ' + ' | '.join(f'T={rg[1:]}, S={S}' for rg, S in HEADLINE) +
+                  ' | A(0), t0 = T/2, S = 20, T = 1000 |')
+        md.append('|' + '---|' * (3 + len(HEADLINE)))
+        van = [stat([row_of(r, sampler, S)[key] for r in runs.get((ds, rg, 'vanilla'), []) if row_of(r, sampler, S)])
+               for rg, S in HEADLINE]
+        amp = lambda rs: stat([r['faulttol']['20']['0.5']['amp'][-1] for r in rs if '20' in r.get('faulttol', {})])  # noqa: E731
+        md.append(f'| vanilla (value) | 1 | ' + ' | '.join(map(fmt, van)) +
+                  f" | {fmt(amp(runs.get((ds, 'T1000', 'vanilla'), [])), 3)} |")
+        if floor:
+            md.append('| perfect model (value) | - | ' + ' | '.join(fmt(floor) for _ in HEADLINE) + ' | - |')
+        for m in methods:
+            ratio = (timing or {}).get('methods', {}).get(m.replace('_eqtime', ''), {}).get('ratio')
+            for es in ([False, True] if m != 'vanilla' else [True]):
+                cells = [paired(runs.get((ds, rg, m), []), runs.get((ds, rg, 'vanilla'), []),
+                                key + ('_es' if es else ''), sampler, S, key) for rg, S in HEADLINE]
+                if not any(cells):
+                    continue
+                a = amp(runs.get((ds, 'T1000', m), [])) if not es else None
+                md.append(f"| {m}{' + ES' if es else ''} | {'-' if ratio is None or es else f'{ratio:.2f}'} | " +
+                          ' | '.join(map(fmt, cells)) + f" | {fmt(a, 3) if a else '-'} |")
+    return md
 
 
 def reg_signal(runs):

@@ -328,7 +328,8 @@ def report_steps(a):
         md.append('| method | ms/step | ratio to vanilla | peak memory (MB) |')
         md.append('|---|---|---|---|')
         for m, r in t['methods'].items():
-            md.append(f"| {m} | {1e3 * r['s_per_step']:.1f} | {r['ratio']:.2f} | {r.get('peak_mem_MB', '-')} |")
+            mem = r.get('peak_mem_MB')
+            md.append(f"| {m} | {1e3 * r['s_per_step']:.1f} | {r['ratio']:.2f} | {'-' if mem is None else f'{mem:.1f}'} |")
     R.write_json(os.path.join(RES, 'steps_summary.json'), summary)
     R.atomic_write(os.path.join(RES, 'steps_tables.md'), lambda f: f.write('\n'.join(md) + '\n'), binary=False)
     print(f"step-count report: {sum(map(len, runs.values()))} runs -> {RES}/steps_tables.md")
@@ -401,10 +402,13 @@ def plot_final(plt, ds, runs, key, methods, floor):
                 ax.axhspan(floor['mean'] - floor['std'], floor['mean'] + floor['std'], color='grey', alpha=.3,
                            label='perfect model')
             ax.set_xscale('log')
+            ax.set_xticks([S for S in STEPS if S <= int(rg[1:])], [str(S) for S in STEPS if S <= int(rg[1:])])
+            ax.minorticks_off()
             ax.set_title(f'{ds}, trained with {rg}, {sampler}')
             ax.set_xlabel('sampling steps S')
             ax.set_ylabel(key)
             ax.legend(fontsize=7)
+    fig.tight_layout()
     R.save_figure(fig, os.path.join(RES, f'steps_final_{ds}.png'), dpi=80)
     plt.close(fig)
 
@@ -430,6 +434,7 @@ def plot_curves(plt, ds, runs, methods):
             ax.invert_xaxis()
             ax.set_xlabel('t')
             ax.legend(fontsize=6)
+    fig.tight_layout()
     R.save_figure(fig, os.path.join(RES, f'steps_curves_{ds}.png'), dpi=80)
     plt.close(fig)
 
@@ -448,6 +453,7 @@ def plot_reg_signal(plt, runs):
     ax.set_xlabel('training step')
     ax.set_ylabel('L_reg / perfect-model floor (moving mean of 10 logs)')
     ax.legend(fontsize=6)
+    fig.tight_layout()
     R.save_figure(fig, os.path.join(RES, 'steps_reg_signal.png'), dpi=80)
     plt.close(fig)
 

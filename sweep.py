@@ -356,7 +356,8 @@ def headline(ds, runs, key, methods, timing, floor):
         if floor:
             md.append('| perfect model (value) | - | ' + ' | '.join(fmt(floor) for _ in HEADLINE) + ' | - |')
         for m in methods:
-            ratio = (timing or {}).get('methods', {}).get(m.replace('_eqtime', ''), {}).get('ratio')
+            timed = 'reg' if m.startswith('reg_l') else m.replace('_eqtime', '')   # lambda does not change the cost
+            ratio = (timing or {}).get('methods', {}).get(timed, {}).get('ratio')
             for es in ([False, True] if m != 'vanilla' else [True]):
                 cells = [paired(runs.get((ds, rg, m), []), runs.get((ds, rg, 'vanilla'), []),
                                 key + ('_es' if es else ''), sampler, S, key) for rg, S in HEADLINE]

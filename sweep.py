@@ -70,7 +70,7 @@ def job_list(a, mnist_flags):
     more = [('8gaussians', 'T50', m) for m in ('reg_l0.5', 'reg_l0.8', 'reg_released')]
     more += [('8gaussians', 'T1000', m) for m in ('reg_l0.5', 'reg_l0.8', 'reg_released')]
     second = [('swissroll', rg, m) for rg in ('T50', 'T1000') for m in ('vanilla', 'reg', 'ip', 'sa')]
-    for group in (main, more, second):
+    for group in (main, more):
         for seed in a.seeds:
             for ds, rg, m in group:
                 run(ds, rg, m, seed, a.max_steps)
@@ -78,6 +78,10 @@ def job_list(a, mnist_flags):
         for seed in a.seeds:
             for m in ('reg', 'sa'):
                 run(ds, 'T50', m + '_eqtime', seed, f'eqtime:{m}', deps=[f'steps_timing_{ds}'])
+        if ds == '8gaussians':
+            for seed in a.seeds:
+                for ds2, rg, m in second:
+                    run(ds2, rg, m, seed, a.max_steps)
     if a.mnist:
         fl = mnist_flags(a) + ['--dtype', 'bf16']   # bf16 trains as well as fp32 (results/runs/mnist_dtype_*)
         for seed in a.seeds[:3]:
@@ -442,14 +446,18 @@ def plot_curves(plt, ds, runs, methods):
 
 def plot_reg_signal(plt, runs):
     fig, ax = plt.subplots(figsize=(7, 4))
-    for c, ((ds, rg, m), rs) in enumerate(sorted(runs.items())):
+    names = list(METHODS) + sorted({k[2] for k in runs} - set(METHODS))
+    styles = {('8gaussians', 'T1000'): '-', ('8gaussians', 'T50'): '--', ('swissroll', 'T1000'): '-.'}
+    for (ds, rg, m), rs in sorted(runs.items()):
+        c = names.index(m)
         rs = [r for r in rs if 'reg_floor' in r and r.get('reg_curve')]
         if not rs:
             continue
         n = min(len(r['reg_curve']) for r in rs)
         y = np.mean([np.array([v for _, v in r['reg_curve'][:n]]) / r['reg_floor']['mean'] for r in rs], 0)
         y = np.convolve(y, np.ones(10) / 10, mode='valid') if n >= 10 else y
-        ax.plot([s for s, _ in rs[0]['reg_curve'][:n]][-len(y):], y, color=f'C{c % 10}', label=f'{ds} {rg} {m}')
+        ax.plot([s for s, _ in rs[0]['reg_curve'][:n]][-len(y):], y, color=f'C{c % 10}', ls=styles.get((ds, rg), ':'),
+                label=f'{ds} {rg} {m}')
     ax.axhline(1, color='k', lw=.8)
     ax.set_xlabel('training step')
     ax.set_ylabel('L_reg / perfect-model floor (moving mean of 10 logs)')

@@ -350,7 +350,7 @@ def headline(ds, runs, key, methods, timing, floor):
         md.append(f'\n### Headline, {ds}, {"ancestral" if sampler == "ddpm" else "DDIM"} sampling: change of the final '
                   f'{key} against vanilla at the same seed (negative = better)')
         md.append('| method | cost / step | ' + ' | '.join(f'T={rg[1:]}, S={S}' for rg, S in HEADLINE) +
-                  ' | A(0), t0 = T/2, S = 20, T = 1000 |')
+                  ' | A(0) ancestral, t0 = T/2, S = 20, T = 1000 |')
         md.append('|' + '---|' * (3 + len(HEADLINE)))
         van = [stat([row_of(r, sampler, S)[key] for r in runs.get((ds, rg, 'vanilla'), []) if row_of(r, sampler, S)])
                for rg, S in HEADLINE]

@@ -278,7 +278,7 @@ def run_fid(a):
             R.write_json(a.out + '.json', dict(fid=fid, **run, ref_stats=ref, inception=net_tag + warn))
             print(f'FID {fid:.4f} (n={len(f)}, sampler={sampler}, steps={steps}, ckpt={a.ckpt}, '
                   f'samples={a.samples}, ref={ref}){warn} -> {a.out}.json')
-    R.teardown()
+    R.teardown(end_process=True)
 
 
 # ---- quanterr: quantised vs full-precision chains (seed 002) -----------------------------------

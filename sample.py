@@ -72,7 +72,7 @@ def main(argv=None):
         steps = chain['steps'] or diff.T
         print(f'wrote {len(x)} samples of shape {tuple(x.shape[1:])} ({a.sampler}, {steps} steps, '
               f'EMA={not a.no_ema}) to ' + ', '.join(filter(None, [a.grid, a.npz, a.png_dir])))
-    R.teardown()
+    R.teardown(end_process=True)
 
 
 if __name__ == '__main__':

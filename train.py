@@ -303,7 +303,8 @@ def main(argv=None):
     if master:
         log.close()
         print(f'done: {step} steps; checkpoint {ckpt_path}')
-    R.teardown()
+    del model   # DDP's reducer holds the process group: free it while the interpreter is alive
+    R.teardown(end_process=True)
 
 
 def stop_if_diverged(first_bad, world, loss, gnorm, ckpt_path, saved_step):

@@ -122,7 +122,17 @@ def load_samples(path):
         files = sorted(f for f in os.listdir(path) if f.lower().endswith('.png'))
         if not files:
             raise FileNotFoundError(f'no .png files in {path}: pass a folder of PNGs or an .npz')
-        x = np.stack([np.asarray(Image.open(os.path.join(path, f))) for f in files])
+        x = []
+        for f in files:
+            try:
+                x.append(np.asarray(Image.open(os.path.join(path, f))))
+            except OSError as e:   # PIL's UnidentifiedImageError and truncated files are OSErrors
+                raise ValueError(f'{os.path.join(path, f)} is not a readable image ({type(e).__name__}): '
+                                 f'remove it from the samples folder') from None
+        if len({a.shape for a in x}) > 1:
+            raise ValueError(f'{path}: the PNGs differ in size ({sorted({a.shape for a in x})[:3]}): '
+                             f'FID needs samples of one size')
+        x = np.stack(x)
     elif os.path.isfile(path):
         z = R.read_npz(path)
         if 'samples' not in z and 'arr_0' not in z:

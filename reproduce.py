@@ -182,7 +182,7 @@ def job_steps(job, a):
     mnist = job['dataset'] == 'mnist'
     res.update(sweep.evaluate_steps(model, diff, cfg, n=a.mnist_n if mnist else a.n_true,
                                     n_select=a.mnist_n // 2 if mnist else min(500, a.n_true),
-                                    es_max_steps=100, chunk=250 if mnist else None))
+                                    es_max_steps=100, chunk=250 if mnist else None, n_ref=a.n_ref))
     if cfg['reg']:
         res['reg_floor'] = sweep.reg_floor(cfg)
     if job['seed'] == 0 and job['method'] in ('vanilla', 'reg', 'reg_S20', 'reg_l0.5', 'reg_l0.8'):
@@ -362,6 +362,7 @@ def main():
     p.add_argument('--timing-reps', type=int, default=5)
     p.add_argument('--timing-iters', type=int, default=20, help='timed steps per method and repetition')
     p.add_argument('--n-true', type=int, default=1000, help='toy: model samples against the known distribution')
+    p.add_argument('--n-ref', type=int, default=2000, help='steps protocol, toy: fresh true draws the samples are scored against')
     p.add_argument('--budget-min', type=float, default=0, help='start no new job after this many minutes')
     p.add_argument('--only', nargs='+', help='only jobs whose name contains one of these')
     p.add_argument('--long-steps', type=int, default=5000, help='extra vanilla/reg runs this long (0: none)')
@@ -381,8 +382,8 @@ def main():
     p.add_argument('--job', help=argparse.SUPPRESS)
     a = p.parse_args()
     a.seeds = a.seeds or ([0, 1, 2, 3, 4] if a.protocol == 'steps' else [0, 1, 2])
-    if len(a.seeds) < 1 or a.max_steps < 5 or a.t_stride < 1 or a.n < 2 or a.n_true < 2:
-        R.fail('need --seeds, --max-steps >= 5, --t-stride >= 1, --n and --n-true >= 2')
+    if len(a.seeds) < 1 or a.max_steps < 5 or a.t_stride < 1 or a.n < 2 or a.n_true < 2 or a.n_ref < 2:
+        R.fail('need --seeds, --max-steps >= 5, --t-stride >= 1, --n, --n-true and --n-ref >= 2')
     a.passthrough = [x for x in sys.argv[1:] if x not in ('--report', '--force-report')]
     if a.job:
         a.only = None   # the child must find its job in the full list

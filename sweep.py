@@ -12,7 +12,7 @@ This module holds the job list (reproduce.py runs the jobs: training is `python 
 the evaluation of one trained model over S (evaluate_steps) and the aggregation (report_steps).
 Per run and per S, for the respaced ancestral chain and DDIM (eta 0):
   final metric  toy: MMD (gaussian kernel, unbiased, signed sqrt) of 1000 samples against 2000
-                fresh draws of the true distribution; MNIST: Frechet distance and KID in the
+                (--n-ref) fresh draws of the true distribution; MNIST: Frechet distance and KID in the
                 features of the project's MNIST classifier (fid.py) against the training set;
   +ES           the same after epsilon scaling (S <= 100), its factor picked on a grid with OTHER
                 samples against OTHER reference data (no sharing between choice and score);
@@ -82,12 +82,13 @@ def job_list(a, mnist_flags):
             for seed in a.seeds:
                 for ds2, rg, m in second:
                     run(ds2, rg, m, seed, a.max_steps)
-    if a.mnist:
+    if a.mnist:   # T = 50 first: where the toy sets show the regulariser doing something
         fl = mnist_flags(a) + ['--dtype', 'bf16']   # bf16 trains as well as fp32 (results/runs/mnist_dtype_*)
-        for seed in a.seeds[:3]:
-            for rg, m in (('T1000', 'vanilla'), ('T1000', 'reg'), ('T50', 'vanilla'), ('T50', 'reg'),
-                          ('T1000', 'ip'), ('T1000', 'sa')):
-                run('mnist', rg, m, seed, a.mnist_max_steps, fl)
+        for group in ((('T50', 'vanilla'), ('T50', 'reg')), (('T50', 'ip'), ('T50', 'sa')),
+                      (('T1000', 'vanilla'), ('T1000', 'reg'), ('T1000', 'ip'), ('T1000', 'sa'))):
+            for seed in a.seeds[:3]:
+                for rg, m in group:
+                    run('mnist', rg, m, seed, a.mnist_max_steps, fl)
     for j in jobs:   # timing jobs: the steps of an equal-time run come from its data set's timing
         if j['kind'] == 'steps':
             j['timing'] = f"steps_timing_{j['dataset']}"
@@ -97,9 +98,9 @@ def job_list(a, mnist_flags):
 
 # ---- evaluation of one trained model over the step counts ---------------------------------------
 class ToyMetric:
-    """MMD (gaussian, unbiased, signed sqrt) against fresh draws of the known distribution."""
-    def __init__(self, ds, seed_ref):
-        self.ref = D.sample_toy(ds, 2000, torch.Generator().manual_seed(seed_ref))
+    """MMD (gaussian, unbiased, signed sqrt) against n_ref fresh draws of the known distribution."""
+    def __init__(self, ds, seed_ref, n_ref=2000):
+        self.ref = D.sample_toy(ds, n_ref, torch.Generator().manual_seed(seed_ref))
 
     def __call__(self, x):
         return dict(mmd=signed_sqrt(float(mmd2(x, self.ref, 'gaussian', 'u'))))
@@ -130,13 +131,13 @@ def chain_samples(model, diff, n, shape, sampler, S, b, seed, chunk=None):
 
 
 @torch.no_grad()
-def evaluate_steps(model, diff, cfg, n=1000, n_select=500, es_max_steps=100, chunk=None, curves=True):
+def evaluate_steps(model, diff, cfg, n=1000, n_select=500, es_max_steps=100, chunk=None, curves=True, n_ref=2000):
     """The final metric at every S <= T for both samplers, plain and with epsilon scaling; D_MMD(t)
     and A(t) at CURVE_STEPS. Returns a dict for results/steps/NAME.json."""
     toy = D.is_toy(cfg['dataset'])
     shape = tuple(cfg['data_shape'])
-    score = ToyMetric(cfg['dataset'], FRESH_SEED) if toy else ClassifierMetric(cfg)
-    select = ToyMetric(cfg['dataset'], SELECT_FRESH_SEED) if toy else score
+    score = ToyMetric(cfg['dataset'], FRESH_SEED, n_ref) if toy else ClassifierMetric(cfg)
+    select = ToyMetric(cfg['dataset'], SELECT_FRESH_SEED, n_ref) if toy else score
     key = 'mmd' if toy else 'fd'
     rows = []
     for sampler in ('ddpm', 'ddim'):
@@ -152,9 +153,9 @@ def evaluate_steps(model, diff, cfg, n=1000, n_select=500, es_max_steps=100, chu
                 row.update(es_scale=best, es_grid=[grid[b] for b in ES_GRID], **{k + '_es': v for k, v in es.items()})
             rows.append(row)
             print(row, flush=True)
-    out = dict(rows=rows, metric='toy: MMD (gaussian, unbiased, signed sqrt) vs 2000 fresh true draws' if toy
+    out = dict(rows=rows, metric=f'toy: MMD (gaussian, unbiased, signed sqrt) vs {n_ref} fresh true draws' if toy
                else 'MNIST: classifier-feature FD and KID vs the training set', n=n, n_select=n_select,
-               es_grid=ES_GRID)
+               es_grid=ES_GRID, **({'n_ref': n_ref} if toy else {}))
     if not toy:
         out['classifier'] = score.info
     if not curves:
@@ -244,14 +245,14 @@ def row_of(run, sampler, S):
     return next((r for r in run['rows'] if r['sampler'] == sampler and r['steps'] == S), None)
 
 
-def final_floor(ds, n=1000, draws=5, cfg=None):
+def final_floor(ds, n=1000, draws=5, cfg=None, n_ref=2000):
     """The perfect model's score: n fresh true draws (MNIST: held-out test digits, disjoint sets)
     in place of the model's samples."""
     if not D.is_toy(ds):
         score = ClassifierMetric(cfg)
         x = D.to_model_space(D.load_mnist_labelled(cfg['data_dir'], 'test', cfg['image_size'])[0])
         return stat([score(x[i * n:(i + 1) * n])['fd'] for i in range(min(draws, len(x) // n))])
-    ref = ToyMetric(ds, FRESH_SEED)
+    ref = ToyMetric(ds, FRESH_SEED, n_ref)
     return stat([ref(D.sample_toy(ds, n, torch.Generator().manual_seed(777 + i)))['mmd'] for i in range(draws)])
 
 
@@ -280,7 +281,7 @@ def report_steps(a):
               '(n = 5 unless shown); * = |mean| > 2 std / sqrt(n). "+ES": after epsilon scaling.')
     for ds in sorted({k[0] for k in runs}):
         first = next(rs[0] for k, rs in runs.items() if k[0] == ds)
-        floor = final_floor(ds, first['n'], cfg=first['config'])
+        floor = final_floor(ds, first['n'], cfg=first['config'], n_ref=first.get('n_ref', 2000))
         methods = [m for m in METHODS if any((ds, rg, m) in runs for rg in REGIMES)]
         methods += sorted({k[2] for k in runs if k[0] == ds and k[2] not in METHODS})
         md += headline(ds, runs, key[ds], methods, timing.get(ds), floor)

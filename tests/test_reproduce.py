@@ -45,7 +45,7 @@ def test_bad_settings_fail_with_one_line(tmp_path):
     assert not (tmp_path / 'results').exists()
 
 
-STEPS_TINY = ['--protocol', 'steps', '--max-steps', '5', '--seeds', '1', '--n-true', '64',
+STEPS_TINY = ['--protocol', 'steps', '--max-steps', '5', '--seeds', '1', '--n-true', '64', '--n-ref', '128',
               '--only', 'steps_8gaussians_T50_vanilla_s1', 'steps_8gaussians_T50_reg_s1']
 
 
@@ -59,6 +59,7 @@ def test_step_count_protocol_runs_reports_and_resumes(tmp_path):
     van = json.loads((res / 'steps' / 'steps_8gaussians_T50_vanilla_s1.json').read_text())
     reg = json.loads((res / 'steps' / 'steps_8gaussians_T50_reg_s1.json').read_text())
     assert van['config']['T'] == 50 and reg['config']['reg'] and not van['config']['reg']
+    assert van['n_ref'] == 128 and 'vs 128 fresh true draws' in van['metric']
     assert [(r['sampler'], r['steps']) for r in van['rows']] == [(s, S) for s in ('ddpm', 'ddim') for S in (10, 20, 50)]
     for r in van['rows']:   # the chosen scale is the grid's best; at scale 1 +ES is the plain chain
         assert r['es_scale'] == van['es_grid'][r['es_grid'].index(min(r['es_grid']))]

@@ -38,9 +38,10 @@ def training_set(cfg):
     if not cfg['synthetic']:
         return x
     n_fresh = round(cfg['fresh_frac'] * len(x))
-    syn = load_synthetic(cfg['synthetic'], len(x) - n_fresh, x, cfg['seed'])
     keep = torch.randperm(len(x), generator=R.rng(cfg['seed'], 'fresh'))[:n_fresh]
-    return torch.cat([x[keep], syn])
+    if n_fresh == len(x):   # --fresh-frac 1 (collapse.py's alpha = 1): the synthetic set is not used
+        return x[keep]
+    return torch.cat([x[keep], load_synthetic(cfg['synthetic'], len(x) - n_fresh, x, cfg['seed'])])
 
 
 def load_synthetic(path, n, like, seed):

@@ -332,6 +332,10 @@ def test_synthetic_mix_fraction(tmp_path):
         assert (match.sum(1) == 1).all() and (match.sum(0) <= 1).all()
     cfg, _ = R.parse_config(['--toy-n', '1000'])
     assert torch.equal(train.training_set(cfg), real)
+    np.savez(npz, samples=np.zeros((5, 3), np.float32))   # alpha = 1: the file is not even read
+    cfg, _ = R.parse_config(['--toy-n', '1000', '--synthetic', npz, '--fresh-frac', '1'])
+    x = train.training_set(cfg)
+    assert x.shape == (1000, 2) and torch.equal(x.sort(0).values, real.sort(0).values)
     np.savez(npz, samples=syn[:100])
     cfg, _ = R.parse_config(['--toy-n', '1000', '--synthetic', npz, '--fresh-frac', '0.5'])
     with pytest.raises(SystemExit) as e:

@@ -362,7 +362,7 @@ def main():
     p.add_argument('--timing-reps', type=int, default=5)
     p.add_argument('--timing-iters', type=int, default=20, help='timed steps per method and repetition')
     p.add_argument('--n-true', type=int, default=1000, help='toy: model samples against the known distribution')
-    p.add_argument('--n-ref', type=int, default=2000, help='steps protocol, toy: fresh true draws the samples are scored against')
+    p.add_argument('--n-ref', type=int, default=sweep.N_REF, help='steps protocol, toy: fresh true draws the samples are scored against')
     p.add_argument('--budget-min', type=float, default=0, help='start no new job after this many minutes')
     p.add_argument('--only', nargs='+', help='only jobs whose name contains one of these')
     p.add_argument('--long-steps', type=int, default=5000, help='extra vanilla/reg runs this long (0: none)')

@@ -38,6 +38,7 @@ STEPS = (10, 20, 50, 100, 1000)
 CURVE_STEPS = (20, 1000)
 ES_GRID = (1.0, 1.005, 1.01, 1.02, 1.05, 1.1, 1.2, 1.3, 1.5)   # brackets the best B at every S on the toy sets
 T0_FRACTIONS = (0.9, 0.5, 0.1)
+N_REF = 2000   # toy: fresh true draws the samples are scored against (reproduce.py --n-ref)
 SAMPLE_SEED, SELECT_SEED, FRESH_SEED, SELECT_FRESH_SEED, EVAL_SEED = 1, 3, 99991, 2, 0
 REGIMES = {'T1000': ['--T', '1000'], 'T50': ['--T', '50']}
 METHODS = {   # name -> train.py flags, in the order of the tables
@@ -99,7 +100,7 @@ def job_list(a, mnist_flags):
 # ---- evaluation of one trained model over the step counts ---------------------------------------
 class ToyMetric:
     """MMD (gaussian, unbiased, signed sqrt) against n_ref fresh draws of the known distribution."""
-    def __init__(self, ds, seed_ref, n_ref=2000):
+    def __init__(self, ds, seed_ref, n_ref=N_REF):
         self.ref = D.sample_toy(ds, n_ref, torch.Generator().manual_seed(seed_ref))
 
     def __call__(self, x):
@@ -131,7 +132,7 @@ def chain_samples(model, diff, n, shape, sampler, S, b, seed, chunk=None):
 
 
 @torch.no_grad()
-def evaluate_steps(model, diff, cfg, n=1000, n_select=500, es_max_steps=100, chunk=None, curves=True, n_ref=2000):
+def evaluate_steps(model, diff, cfg, n=1000, n_select=500, es_max_steps=100, chunk=None, curves=True, n_ref=N_REF):
     """The final metric at every S <= T for both samplers, plain and with epsilon scaling; D_MMD(t)
     and A(t) at CURVE_STEPS. Returns a dict for results/steps/NAME.json."""
     toy = D.is_toy(cfg['dataset'])
@@ -245,7 +246,7 @@ def row_of(run, sampler, S):
     return next((r for r in run['rows'] if r['sampler'] == sampler and r['steps'] == S), None)
 
 
-def final_floor(ds, n=1000, draws=5, cfg=None, n_ref=2000):
+def final_floor(ds, n=1000, draws=5, cfg=None, n_ref=N_REF):
     """The perfect model's score: n fresh true draws (MNIST: held-out test digits, disjoint sets)
     in place of the model's samples."""
     if not D.is_toy(ds):
@@ -281,7 +282,7 @@ def report_steps(a):
               '(n = 5 unless shown); * = |mean| > 2 std / sqrt(n). "+ES": after epsilon scaling.')
     for ds in sorted({k[0] for k in runs}):
         first = next(rs[0] for k, rs in runs.items() if k[0] == ds)
-        floor = final_floor(ds, first['n'], cfg=first['config'], n_ref=first.get('n_ref', 2000))
+        floor = final_floor(ds, first['n'], cfg=first['config'], n_ref=first.get('n_ref', N_REF))
         methods = [m for m in METHODS if any((ds, rg, m) in runs for rg in REGIMES)]
         methods += sorted({k[2] for k in runs if k[0] == ds and k[2] not in METHODS})
         md += headline(ds, runs, key[ds], methods, timing.get(ds), floor)

@@ -58,10 +58,10 @@ def job_list(a, mnist_flags):
     'steps_' (their results go to results/steps/)."""
     jobs = []
 
-    def run(ds, regime, method, seed, steps, flags=(), deps=()):
+    def run(ds, regime, method, seed, steps, flags=(), deps=(), **extra):
         jobs.append(dict(name=f'steps_{ds}_{regime}_{method}_s{seed}', kind='steps', dataset=ds, regime=regime,
                          variant=f'{regime}_{method}', method=method, seed=seed, steps=steps, deps=list(deps),
-                         flags=REGIMES[regime] + METHODS[method.replace('_eqtime', '')] + list(flags)))
+                         flags=REGIMES[regime] + METHODS[method.replace('_eqtime', '')] + list(flags), **extra))
 
     for ds in TOY_SETS:
         jobs.append(dict(name=f'steps_timing_{ds}', kind='timing', dataset=ds, deps=[], timed={
@@ -85,11 +85,20 @@ def job_list(a, mnist_flags):
                     run(ds2, rg, m, seed, a.max_steps)
     if a.mnist:   # T = 50 first: where the toy sets show the regulariser doing something
         fl = mnist_flags(a) + ['--dtype', 'bf16']   # bf16 trains as well as fp32 (results/runs/mnist_dtype_*)
-        for group in ((('T50', 'vanilla'), ('T50', 'reg')), (('T50', 'ip'), ('T50', 'sa')),
-                      (('T1000', 'vanilla'), ('T1000', 'reg'), ('T1000', 'ip'), ('T1000', 'sa'))):
+        for group in ((('T50', 'vanilla'), ('T50', 'reg')), (('T50', 'ip'), ('T50', 'sa'))):
             for seed in a.seeds[:3]:
                 for rg, m in group:
                     run('mnist', rg, m, seed, a.mnist_max_steps, fl)
+        # equal time at T = 50; the step's cost does not depend on T (one network call per chain step)
+        jobs.append(dict(name='steps_timing_mnist', kind='timing', dataset='mnist', deps=[], timed={
+            m: REGIMES['T50'] + METHODS[m] + ['--dtype', 'bf16'] for m in ('vanilla', 'ip', 'sa', 'reg')}))
+        for seed in a.seeds[:3]:
+            for m in ('reg', 'sa'):
+                run('mnist', 'T50', m + '_eqtime', seed, f'eqtime:{m}', fl, deps=['steps_timing_mnist'],
+                    base_steps=a.mnist_max_steps)
+        for seed in a.seeds[:3]:   # T = 1000: the chain the paper trains on (expensive to evaluate at S = 1000)
+            for m in ('vanilla', 'reg', 'ip', 'sa'):
+                run('mnist', 'T1000', m, seed, a.mnist_max_steps, fl)
     for j in jobs:   # timing jobs: the steps of an equal-time run come from its data set's timing
         if j['kind'] == 'steps':
             j['timing'] = f"steps_timing_{j['dataset']}"

@@ -301,7 +301,7 @@ def schedule(a):
     todo = [j for j in jobs if not os.path.isfile(result_path(j['name']))]
     print(f'{len(jobs)} jobs, {len(todo)} to run (S = {a.max_steps}, seeds {a.seeds}, t-stride {a.t_stride})', flush=True)
     os.makedirs(os.path.join(OUT, 'logs'), exist_ok=True)
-    t_start, running, failed = time.time(), {}, set()
+    t_start, running, failed, started = time.time(), {}, set(), 0
 
     def finished(name):
         return os.path.isfile(result_path(name))
@@ -342,12 +342,14 @@ def schedule(a):
             log = open(os.path.join(OUT, 'logs', j['name'] + '.log'), 'a')
             running[j['name']] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                                    env=dict(os.environ, OMP_NUM_THREADS='1')), time.time())
+            started += 1
             print(f'[{(time.time() - t_start) / 60:6.1f} min] start {j["name"]}', flush=True)
         if over and not running:
             print(f'budget of {a.budget_min} min reached; not started: {[j["name"] for j in todo]}', flush=True)
             break
         time.sleep(2)
     print(f'all done in {(time.time() - t_start) / 60:.1f} min; failed: {sorted(failed) or "none"}', flush=True)
+    return jobs, started
 
 
 def main():
@@ -394,7 +396,12 @@ def main():
              run=lambda a, j: job_run(j, a), steps=lambda a, j: job_steps(j, a))[job['kind']](a, job)
         return
     if not a.report:
-        schedule(a)
+        jobs, started = schedule(a)
+        tables = os.path.join(RES, 'steps_tables.md' if a.protocol == 'steps' else 'tables.md')
+        done = [result_path(j['name']) for j in jobs if os.path.isfile(result_path(j['name']))]
+        if not started and os.path.isfile(tables) and all(os.path.getmtime(f) <= os.path.getmtime(tables) for f in done):
+            print(f'nothing new since {tables} was written: report kept (--report rewrites it)')
+            return
     (sweep.report_steps if a.protocol == 'steps' else report.report)(a)
 
 

@@ -46,31 +46,32 @@ def test_bad_settings_fail_with_one_line(tmp_path):
 
 
 STEPS_TINY = ['--protocol', 'steps', '--max-steps', '5', '--seeds', '1', '--n-true', '64', '--n-ref', '128',
-              '--only', 'steps_8gaussians_T50_vanilla_s1', 'steps_8gaussians_T50_reg_s1']
+              '--only', 'steps_8gaussians_T50_reg_s1']
 
 
 def test_step_count_protocol_runs_reports_and_resumes(tmp_path):
-    """The step-count protocol (sweep.py) on two tiny T = 50 runs: every S <= T for both samplers
-    with and without epsilon scaling, the curves at S = 20, the regulariser's floor, the report."""
+    """The step-count protocol (sweep.py) on one tiny T = 50 --reg run: every S <= T for both
+    samplers with and without epsilon scaling, the curves at S = 20, the regulariser's floor, the
+    report; run again, it starts nothing and keeps the report."""
     p = run(tmp_path, *STEPS_TINY)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert 'failed: none' in p.stdout
     res = tmp_path / 'results'
-    van = json.loads((res / 'steps' / 'steps_8gaussians_T50_vanilla_s1.json').read_text())
     reg = json.loads((res / 'steps' / 'steps_8gaussians_T50_reg_s1.json').read_text())
-    assert van['config']['T'] == 50 and reg['config']['reg'] and not van['config']['reg']
-    assert van['n_ref'] == 128 and 'vs 128 fresh true draws' in van['metric']
-    assert [(r['sampler'], r['steps']) for r in van['rows']] == [(s, S) for s in ('ddpm', 'ddim') for S in (10, 20, 50)]
-    for r in van['rows']:   # the chosen scale is the grid's best; at scale 1 +ES is the plain chain
-        assert r['es_scale'] == van['es_grid'][r['es_grid'].index(min(r['es_grid']))]
+    assert reg['config']['T'] == 50 and reg['config']['reg'] and reg['job']['method'] == 'reg'
+    assert reg['n_ref'] == 128 and 'vs 128 fresh true draws' in reg['metric']
+    assert [(r['sampler'], r['steps']) for r in reg['rows']] == [(s, S) for s in ('ddpm', 'ddim') for S in (10, 20, 50)]
+    for r in reg['rows']:   # the chosen scale is the grid's best; at scale 1 +ES is the plain chain
+        assert r['es_scale'] == reg['es_grid'][r['es_grid'].index(min(r['es_grid']))]
         assert r['mmd_es'] == r['mmd'] or r['es_scale'] != 1.0
-    assert list(van['curves']) == ['20'] and van['curves']['20']['t'][0] == 50
-    ft = van['faulttol']['20']
+    assert list(reg['curves']) == ['20'] and reg['curves']['20']['t'][0] == 50
+    ft = reg['faulttol']['20']
     assert set(ft) == {'0.9', '0.5', '0.1'} and all(f['amp'][0] == 1.0 for f in ft.values())
-    assert 'reg_floor' in reg and 'reg_floor' not in van and reg['reg_floor']['mean'] > 0
+    assert reg['reg_floor']['mean'] > 0 and 'reg_grad' not in reg   # the gradient fraction: seed 0 only
     assert len(reg['reg_curve']) == 1   # --log-every 10 with 5 steps: the last step only
     tables = (res / 'steps_tables.md').read_text()
-    assert '| 50 | ddpm | 10 |' in tables and '| 8gaussians | 50 | reg |' in tables
+    assert '| 50 | ddpm | 10 |' not in tables   # the table against S needs a vanilla run to pair with
+    assert '| 50 | 20 | reg |' in tables and '| 8gaussians | 50 | reg |' in tables
     assert (res / 'steps_final_8gaussians.png').is_file() and (res / 'steps_curves_8gaussians.png').is_file()
     again = run(tmp_path, *STEPS_TINY)
-    assert again.returncode == 0 and '2 jobs, 0 to run' in again.stdout
+    assert again.returncode == 0 and '1 jobs, 0 to run' in again.stdout and 'report kept' in again.stdout

@@ -33,6 +33,7 @@ from diffusion import eps_scale_schedule  # noqa: E402
 from mmd import errprop_curve, mmd2, signed_sqrt  # noqa: E402
 import report  # noqa: E402
 import sweep  # noqa: E402
+import sweep_report  # noqa: E402
 from report import (ABLATIONS, EVAL_SEED, FRESH_SEED, KERNELS, MAIN, OUT, RES, ROOT, SAMPLE_SEED,  # noqa: E402
                     TIMED, mnist_flags, read_json, result_path, run_json)
 
@@ -402,7 +403,7 @@ def main():
         if not started and os.path.isfile(tables) and all(os.path.getmtime(f) <= os.path.getmtime(tables) for f in done):
             print(f'nothing new since {tables} was written: report kept (--report rewrites it)')
             return
-    (sweep.report_steps if a.protocol == 'steps' else report.report)(a)
+    (sweep_report.report_steps if a.protocol == 'steps' else report.report)(a)
 
 
 if __name__ == '__main__':

@@ -8,8 +8,8 @@ the regulariser's gradient against the eps-MSE gradient on a trained model.
     python bench.py --what reg-grad --ckpt out/8gaussians
     python bench.py --what compare --compare 06936f2 --model cifar10 --batch-size 8 --reps 5
 
-Every timing runs train.py's own step (train.local_batch, train.compute_loss, then
-train.optimizer_step: backward, clip, Adam, EMA), imported from train.py for that purpose.
+Every timing runs train.py's own step (trainstep.local_batch, trainstep.compute_loss, then
+trainstep.optimizer_step: backward, clip, Adam, EMA), the module train.py runs it from.
 Shared CPU cores make timings noisy, so variants are timed interleaved (each repetition runs
 every variant once) and reported as medians of per-repetition ratios to the first variant.
 Memory is what a measurement allocated on top of what existed when it started: CUDA
@@ -42,7 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import runtime as R
-import train
+import trainstep
 from diffusion import Diffusion
 from mmd import chunked, mmd2
 from model import build_model
@@ -107,15 +107,15 @@ def device_peak(a, name):
 
 
 def count_flops(cfg, dev):
-    """FLOPs per image of one vanilla training step (train.compute_loss, then backward), counted by
+    """FLOPs per image of one vanilla training step (trainstep.compute_loss, then backward), counted by
     torch's FlopCounterMode (matmuls, convolutions, attention) on the uncompiled fp32 network:
     (forward, forward + backward)."""
     torch.manual_seed(R.seed_of(cfg['seed'], 'init'))
     model = build_model(cfg['model'], (3, 32, 32), **R.model_overrides(cfg)).to(dev)
-    x0 = train.local_batch(random_images(cfg['batch_size'], dev), cfg, 0, 0, 1, dev)
+    x0 = trainstep.local_batch(random_images(cfg['batch_size'], dev), cfg, 0, 0, 1, dev)
     with sdpa_kernel(SDPBackend.MATH):   # attention as plain matmuls: counted alike on every device
         with FlopCounterMode(display=False) as fwd:
-            loss, _ = train.compute_loss(model, R.make_diffusion(cfg, dev), x0, cfg, 0)
+            loss, _ = trainstep.compute_loss(model, R.make_diffusion(cfg, dev), x0, cfg, 0)
         with FlopCounterMode(display=False) as bwd:
             loss.backward()
     n = cfg['batch_size']
@@ -127,7 +127,11 @@ def make_step(cfg, data, dev, dtype, compile_, mods=None, state=None):
     One network and optimiser serve every cfg passed later (same model, other losses). mods: another
     tree's modules (import_tree), built from what it has (runtime.make_diffusion, or diffusion.Diffusion
     before runtime.py existed); state: initial weights to load."""
-    T, Rm, mods = (mods['train'], mods.get('runtime'), mods) if mods else (train, R, sys.modules)
+    # the step's functions: trainstep.py's, or train.py's in trees from before trainstep.py
+    if mods:
+        T, Rm = mods.get('trainstep') or mods['train'], mods.get('runtime')
+    else:
+        T, Rm, mods = trainstep, R, sys.modules
     torch.manual_seed(R.seed_of(cfg['seed'], 'init'))
     raw = mods['model'].build_model(cfg['model'], tuple(data.shape[1:]),
                                     **({} if cfg.get('dropout') is None else dict(dropout=cfg['dropout'])))
@@ -245,7 +249,7 @@ def bench_methods(a, dev):
     for v in a.variant:
         name, _, flags = v.partition('=')
         variants.append((name, R.parse_config(shlex.split(a.flags) + shlex.split(flags))[0], None))
-    data = train.training_set(variants[0][1]).to(dev)
+    data = trainstep.training_set(variants[0][1]).to(dev)
     step, _ = make_step(variants[0][1], data, dev, a.dtype[-1], a.compile)
     rows = time_variants(step, variants, a, dev)
     return {r.pop('variant'): dict(r, flags=shlex.split(v.partition('=')[2])) for r, v in zip(rows, a.variant)}
@@ -280,7 +284,7 @@ def bench_errprop(a, dev):
     return rows
 
 
-PROJECT = ('model', 'diffusion', 'mmd', 'data', 'train', 'runtime', 'quant', 'fid')
+PROJECT = ('model', 'diffusion', 'mmd', 'data', 'train', 'trainstep', 'runtime', 'quant', 'fid')
 
 
 def import_tree(ref, folder):
@@ -357,13 +361,13 @@ def bench_reg_grad(a, dev):
     model, _, saved = R.load_checkpoint(a.ckpt, dev, ema=True)
     cfg = {**saved, 'reg': True, 'reg_L': 5, 'reg_grad': 'full', 'warm_start': True}
     R.resolve_schedule(cfg)
-    data, ps, rows = train.training_set(cfg).to(dev), list(model.parameters()), []
+    data, ps, rows = trainstep.training_set(cfg).to(dev), list(model.parameters()), []
     diff = R.make_diffusion(cfg, dev)
     norm = lambda gs: float(sum(x.pow(2).sum() for x in gs).sqrt())   # noqa: E731
     for step in range(5000, 5000 + a.batches):
-        x0 = train.local_batch(data, cfg, step, 0, 1, dev)
-        nll, _ = train.compute_loss(model, diff, x0, {**cfg, 'lambda_reg': 0.0}, step)
-        reg, st = train.compute_loss(model, diff, x0, {**cfg, 'lambda_nll': 0.0}, step)
+        x0 = trainstep.local_batch(data, cfg, step, 0, 1, dev)
+        nll, _ = trainstep.compute_loss(model, diff, x0, {**cfg, 'lambda_reg': 0.0}, step)
+        reg, st = trainstep.compute_loss(model, diff, x0, {**cfg, 'lambda_nll': 0.0}, step)
         gn, gr = norm(torch.autograd.grad(nll, ps)), norm(torch.autograd.grad(reg, ps))
         rows.append(dict(step=step, r=st['r'], k=st['k'], w=st['w'], grad_nll=gn, grad_reg=gr, ratio=gr / gn))
     ratio = [r['ratio'] for r in rows]

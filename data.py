@@ -1,6 +1,6 @@
 """
 Data sets, each held in memory as ONE tensor. Training draws batches by index
-(train.batch_indices); evaluation draws a seeded subset (random_examples).
+(trainstep.batch_indices); evaluation draws a seeded subset (random_examples).
 
 Images: load_data returns uint8 (N, C, H, W); to_model_space maps to float32 in [-1, 1].
 Toy sets: load_data returns float32 (N, D), drawn from sample_toy with a generator seeded by `seed`.

@@ -9,7 +9,7 @@ import collapse
 import kde
 import data as D
 import runtime as R
-import train
+import trainstep
 
 TINY = ['--dataset', 'gmm10d', '--alphas', '0.3', '0.9', '--T', '100', '--steps-per-gen', '100',
         '--n-train', '1000', '--n-eval', '200', '--device', 'cpu']
@@ -61,7 +61,7 @@ def test_flags_give_requested_mix(tmp_path):
     cfg, _ = R.parse_config(collapse.train_argv(a, 0.3, 2, npz))
     assert (cfg['seed'], cfg['toy_n'], cfg['T'], cfg['max_steps']) == (7, 1000, 100, 100)
     assert cfg['lr'] == 3e-4 and cfg['out_dir'] == os.path.join(str(tmp_path), 'alpha0.3', 'gen02')
-    x = train.training_set(cfg)
+    x = trainstep.training_set(cfg)
     is_syn = (x == 1e3).all(1)
     assert len(x) == 1000 and int(is_syn.sum()) == 700      # fraction 0.3 fresh
     fresh = x[~is_syn]

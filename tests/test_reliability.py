@@ -17,6 +17,7 @@ import evaluate
 import runtime as R
 import sample
 import train
+import trainstep
 from test_model import DDPM_KW, DOWN, UP, _diffusers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -256,7 +257,7 @@ def test_corrupt_image_in_a_folder_data_set(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'ok.png')
     (tmp_path / 'bad.png').write_bytes(b'\x89PNG not really')
     with pytest.raises(ValueError, match='bad.png'):
-        train.training_set(R.parse_config(['--dataset', 'folder', '--data-dir', str(tmp_path),
+        trainstep.training_set(R.parse_config(['--dataset', 'folder', '--data-dir', str(tmp_path),
                                            '--image-size', '8'])[0])
 
 

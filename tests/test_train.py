@@ -17,6 +17,7 @@ import torch.distributed as dist
 import data as D
 import sample
 import train
+import trainstep
 import runtime as R
 from mmd import mmd2
 from model import build_model
@@ -94,17 +95,17 @@ def test_training_learns_toy_data(tmp_path):
 def test_batch_indices():
     n, b, seed = 103, 10, 7
     bpe = n // b
-    a = [train.batch_indices(n, b, s, seed) for s in range(2 * bpe)]
+    a = [trainstep.batch_indices(n, b, s, seed) for s in range(2 * bpe)]
     assert all(t.shape == (b,) and t.dtype == torch.long for t in a)
-    assert all(torch.equal(t, train.batch_indices(n, b, s, seed)) for s, t in enumerate(a))
+    assert all(torch.equal(t, trainstep.batch_indices(n, b, s, seed)) for s, t in enumerate(a))
     e0, e1 = torch.cat(a[:bpe]), torch.cat(a[bpe:])
     assert len(set(e0.tolist())) == bpe * b and len(set(e1.tolist())) == bpe * b  # no repeats
     assert e0.min() >= 0 and e0.max() < n and not torch.equal(e0, e1)
-    full = torch.cat([train.batch_indices(100, 10, s, 0) for s in range(10)])
+    full = torch.cat([trainstep.batch_indices(100, 10, s, 0) for s in range(10)])
     assert torch.equal(full.sort().values, torch.arange(100))                       # each index once
-    assert not torch.equal(train.batch_indices(n, b, 0, seed), train.batch_indices(n, b, 0, seed + 1))
+    assert not torch.equal(trainstep.batch_indices(n, b, 0, seed), trainstep.batch_indices(n, b, 0, seed + 1))
     with pytest.raises(ValueError, match='batch'):
-        train.batch_indices(5, 10, 0, 0)
+        trainstep.batch_indices(5, 10, 0, 0)
 
 
 
@@ -321,7 +322,7 @@ def test_synthetic_mix_fraction(tmp_path):
     real = D.load_data('8gaussians', toy_n=1000, seed=0)
     for frac, n_fresh in ((0.5, 500), (0.9, 900)):
         cfg, _ = R.parse_config(['--toy-n', '1000', '--synthetic', npz, '--fresh-frac', str(frac)])
-        x = train.training_set(cfg)
+        x = trainstep.training_set(cfg)
         assert x.shape == (1000, 2) and x.dtype == torch.float32
         is_syn = x[:, 0] >= 100
         assert int(is_syn.sum()) == 1000 - n_fresh
@@ -331,22 +332,22 @@ def test_synthetic_mix_fraction(tmp_path):
         match = (fresh[:, None] == real[None]).all(-1)
         assert (match.sum(1) == 1).all() and (match.sum(0) <= 1).all()
     cfg, _ = R.parse_config(['--toy-n', '1000'])
-    assert torch.equal(train.training_set(cfg), real)
+    assert torch.equal(trainstep.training_set(cfg), real)
     np.savez(npz, samples=np.zeros((5, 3), np.float32))   # alpha = 1: the file is not even read
     cfg, _ = R.parse_config(['--toy-n', '1000', '--synthetic', npz, '--fresh-frac', '1'])
-    x = train.training_set(cfg)
+    x = trainstep.training_set(cfg)
     assert x.shape == (1000, 2) and torch.equal(x.sort(0).values, real.sort(0).values)
     np.savez(npz, samples=syn[:100])
     cfg, _ = R.parse_config(['--toy-n', '1000', '--synthetic', npz, '--fresh-frac', '0.5'])
     with pytest.raises(SystemExit) as e:
-        train.training_set(cfg)
+        trainstep.training_set(cfg)
     one_line_error(e)
 
 
 def test_synthetic_from_checkpoint(trained):
     cfg, _ = R.parse_config(['--toy-n', '200', '--synthetic', str(trained / 'ckpt.pt'),
                                  '--fresh-frac', '0.75'])
-    x = train.training_set(cfg)
+    x = trainstep.training_set(cfg)
     real = D.load_data('8gaussians', toy_n=200, seed=0)
     in_real = (x[:, None] == real[None]).all(-1).any(1)
     assert x.shape == (200, 2) and int(in_real.sum()) == 150 and not in_real[150:].any()

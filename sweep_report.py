@@ -261,31 +261,37 @@ def plot_curves(plt, ds, runs, methods):
         for ax in axes[:, j]:
             ax.invert_xaxis()
             ax.set_xlabel('t')
-            if ax.get_legend_handles_labels()[0]:   # a panel without runs (not run yet) stays empty
+            if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=6)
+            else:   # not run yet, or not measured for this data set (MNIST: A(t) at S = 20 only)
+                ax.text(0.5, 0.5, 'not measured', transform=ax.transAxes, ha='center', color='grey')
     fig.tight_layout()
     R.save_figure(fig, os.path.join(RES, f'steps_curves_{ds}.png'), dpi=80)
     plt.close(fig)
 
 
 def plot_reg_signal(plt, runs):
-    fig, ax = plt.subplots(figsize=(7, 4))
+    """One panel per data set; colour = method, line style = regime (T = 1000 solid, T = 50 dashed)."""
     names = list(METHODS) + sorted({k[2] for k in runs} - set(METHODS))
-    styles = {('8gaussians', 'T1000'): '-', ('8gaussians', 'T50'): '--', ('swissroll', 'T1000'): '-.'}
+    sets = sorted({ds for ds, _, _ in runs})
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 4), squeeze=False)
     for (ds, rg, m), rs in sorted(runs.items()):
-        c = names.index(m)
+        ax, c = axes[0][sets.index(ds)], names.index(m)
         rs = [r for r in rs if 'reg_floor' in r and r.get('reg_curve')]
         if not rs:
             continue
         n = min(len(r['reg_curve']) for r in rs)
         y = np.mean([np.array([v for _, v in r['reg_curve'][:n]]) / r['reg_floor']['mean'] for r in rs], 0)
         y = np.convolve(y, np.ones(10) / 10, mode='valid') if n >= 10 else y
-        ax.plot([s for s, _ in rs[0]['reg_curve'][:n]][-len(y):], y, color=f'C{c % 10}', ls=styles.get((ds, rg), ':'),
-                label=f'{ds} {rg} {m}')
-    ax.axhline(1, color='k', lw=.8)
-    ax.set_xlabel('training step')
-    ax.set_ylabel('L_reg / perfect-model floor (moving mean of 10 logs)')
-    ax.legend(fontsize=6)
+        ax.plot([s for s, _ in rs[0]['reg_curve'][:n]][-len(y):], y, color=f'C{c % 10}',
+                ls='-' if rg == 'T1000' else '--', label=f'{rg} {m} (n={len(rs)})')
+    for ax, ds in zip(axes[0], sets):
+        ax.axhline(1, color='k', lw=.8)
+        ax.set_title(ds)
+        ax.set_xlabel('training step')
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    axes[0][0].set_ylabel('L_reg / perfect-model floor (moving mean of 10 logs)')
     fig.tight_layout()
     R.save_figure(fig, os.path.join(RES, 'steps_reg_signal.png'), dpi=80)
     plt.close(fig)

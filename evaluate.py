@@ -26,10 +26,10 @@ import os
 import torch
 
 import data as D
-import fid as F
-import quant
-import quanterr as QE
 import runtime as R
+from metrics import fid as F
+from neighbours import quant
+from neighbours import quanterr as QE
 from mmd import KERNELS, errprop_curve, fault_tolerance, mmd2, signed_sqrt
 
 ESTIMATOR_NAMES = {'u': 'unbiased U-statistic', 'v': 'V-statistic, Eq. 10'}

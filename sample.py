@@ -12,9 +12,9 @@ name, fsynced and renamed, so an interrupted run leaves no half-written file.
 import argparse
 import os
 
-import quant
 import runtime as R
 from data import to_model_space, to_uint8
+from neighbours import quant
 
 
 def save_png_dir(x, folder, start=0):

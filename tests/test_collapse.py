@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-import collapse
-import kde
+from neighbours import collapse
+from neighbours import kde
 import data as D
 import runtime as R
 import trainstep

@@ -18,7 +18,7 @@ from pytorch_fid.fid_score import calculate_frechet_distance
 
 import data as D
 import evaluate as ev
-import fid as F
+from metrics import fid as F
 import runtime as R
 import train
 

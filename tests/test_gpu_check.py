@@ -26,7 +26,7 @@ def numbers(obj):
 @pytest.mark.skipif(not os.path.isfile(BATCH_1), reason=f'CIFAR-10 data_batch_1 not found at {BATCH_1} '
                                                          f'(set DATA_ROOT to the folder holding cifar-10-batches-py)')
 def test_gpu_check_tiny(tmp_path):
-    cmd = [sys.executable, 'gpu_check.py', '--device', 'cpu', '--tiny', '--out-dir', str(tmp_path / 'out'),
+    cmd = [sys.executable, '-m', 'experiments.gpu_check', '--device', 'cpu', '--tiny', '--out-dir', str(tmp_path / 'out'),
            '--results', str(tmp_path / 'results'), '--data-dir', str(tmp_path / 'data-gpu'),
            '--source-data', DATA_ROOT, '--peak-tflops', '1']
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

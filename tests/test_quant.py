@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-import quant
-import quanterr
+from neighbours import quant
+from neighbours import quanterr
 from data import sample_toy
 from diffusion import Diffusion
 from mmd import mmd2

@@ -262,7 +262,7 @@ def test_corrupt_image_in_a_folder_data_set(tmp_path):
 
 
 def test_collapse_with_a_corrupt_checkpoint(tmp_path):
-    import collapse
+    from neighbours import collapse
     (tmp_path / 'gen00').mkdir()
     (tmp_path / 'gen00' / 'ckpt.pt').write_bytes(b'truncated')
     with pytest.raises(ValueError, match='not a readable checkpoint'):

@@ -1,42 +1,18 @@
-"""reproduce.py end to end on a miniature protocol: the scheduler, a run job, the timing job,
-the report, and resuming (a finished protocol starts nothing)."""
+"""experiments/reproduce.py end to end on a miniature step-count protocol: the scheduler, the
+timing job, an equal-time run job, the report, and resuming (a finished protocol starts nothing)."""
 import json
 import os
 import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--max-steps', '5', '--seeds', '0', '--t-stride', '500', '--n', '64', '--n-true', '64',
-        '--timing-reps', '1', '--timing-iters', '1', '--long-steps', '0', '--only', 'timing', '8gaussians_vanilla_s0',
-        '8gaussians_reg_eqtime_s0']
 
 
 def run(tmp_path, *args):
     env = dict(os.environ, REPRO_RESULTS=str(tmp_path / 'results'), REPRO_OUT=str(tmp_path / 'out'),
                OMP_NUM_THREADS='1')
-    return subprocess.run([sys.executable, 'reproduce.py', *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, '-m', 'experiments.reproduce', *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
-
-
-def test_miniature_protocol_runs_reports_and_resumes(tmp_path):
-    p = run(tmp_path, *TINY)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert 'failed: none' in p.stdout
-    res = tmp_path / 'results'
-    van = json.loads((res / 'runs' / '8gaussians_vanilla_s0.json').read_text())
-    assert van['steps'] == 5 and van['curve']['t'] == [1000, 500, 0]
-    assert set(van['d_t0']) == {'gaussian', 'laplace', 'imq'} and van['mmd_true'] is not None
-    # equal time: steps = S / (measured cost ratio of --reg), ratio taken from the timing job
-    eq = json.loads((res / 'runs' / '8gaussians_reg_eqtime_s0.json').read_text())
-    ratio = json.loads((res / 'timing.json').read_text())['methods']['reg_L5_full']['ratio']
-    assert eq['eqtime_ratio'] == ratio and eq['steps'] == max(1, round(5 / ratio))
-    summary = json.loads((res / 'summary.json').read_text())
-    assert summary['runs']['8gaussians/vanilla']['seeds'] == [0]
-    tables = (res / 'tables.md').read_text()
-    assert '| vanilla | 5 |' in tables and 'reg_eqtime' in tables
-    assert (res / 'errprop_8gaussians.png').is_file() and (res / 'time_vs_L.png').is_file()
-    again = run(tmp_path, *TINY)
-    assert again.returncode == 0 and '3 jobs, 0 to run' in again.stdout
 
 
 def test_bad_settings_fail_with_one_line(tmp_path):
@@ -45,20 +21,23 @@ def test_bad_settings_fail_with_one_line(tmp_path):
     assert not (tmp_path / 'results').exists()
 
 
-STEPS_TINY = ['--protocol', 'steps', '--max-steps', '5', '--seeds', '1', '--n-true', '64', '--n-ref', '128',
-              '--only', 'steps_8gaussians_T50_reg_s1']
+TINY = ['--max-steps', '5', '--seeds', '1', '--n-true', '64', '--n-ref', '128', '--timing-reps', '1',
+        '--timing-iters', '1', '--only', 'steps_timing_8gaussians', 'steps_8gaussians_T50_reg_eqtime_s1']
 
 
 def test_step_count_protocol_runs_reports_and_resumes(tmp_path):
-    """The step-count protocol (sweep.py) on one tiny T = 50 --reg run: every S <= T for both
+    """One tiny T = 50 --reg run at equal time: the timing job first, then every S <= T for both
     samplers with and without epsilon scaling, the curves at S = 20, the regulariser's floor, the
     report; run again, it starts nothing and keeps the report."""
-    p = run(tmp_path, *STEPS_TINY)
+    p = run(tmp_path, *TINY)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert 'failed: none' in p.stdout
     res = tmp_path / 'results'
-    reg = json.loads((res / 'steps' / 'steps_8gaussians_T50_reg_s1.json').read_text())
-    assert reg['config']['T'] == 50 and reg['config']['reg'] and reg['job']['method'] == 'reg'
+    reg = json.loads((res / 'steps' / 'steps_8gaussians_T50_reg_eqtime_s1.json').read_text())
+    assert reg['config']['T'] == 50 and reg['config']['reg'] and reg['job']['method'] == 'reg_eqtime'
+    # equal time: steps = S / (measured cost ratio of --reg), the ratio from the timing job
+    ratio = json.loads((res / 'steps' / 'steps_timing_8gaussians.json').read_text())['methods']['reg']['ratio']
+    assert reg['eqtime_ratio'] == ratio and reg['steps'] == max(1, round(5 / ratio))
     assert reg['n_ref'] == 128 and 'vs 128 fresh true draws' in reg['metric']
     assert [(r['sampler'], r['steps']) for r in reg['rows']] == [(s, S) for s in ('ddpm', 'ddim') for S in (10, 20, 50)]
     for r in reg['rows']:   # the chosen scale is the grid's best; at scale 1 +ES is the plain chain
@@ -68,10 +47,10 @@ def test_step_count_protocol_runs_reports_and_resumes(tmp_path):
     ft = reg['faulttol']['20']
     assert set(ft) == {'0.9', '0.5', '0.1'} and all(f['amp'][0] == 1.0 for f in ft.values())
     assert reg['reg_floor']['mean'] > 0 and 'reg_grad' not in reg   # the gradient fraction: seed 0 only
-    assert len(reg['reg_curve']) == 1   # --log-every 10 with 5 steps: the last step only
+    assert len(reg['reg_curve']) == 1   # --log-every 10 with < 10 steps: the last step only
     tables = (res / 'steps_tables.md').read_text()
     assert '| 50 | ddpm | 10 |' not in tables   # the table against S needs a vanilla run to pair with
-    assert '| 50 | 20 | reg |' in tables and '| 8gaussians | 50 | reg |' in tables
+    assert '| 50 | 20 | reg_eqtime |' in tables and '| reg | ' in tables   # shape table, cost table
     assert (res / 'steps_final_8gaussians.png').is_file() and (res / 'steps_curves_8gaussians.png').is_file()
-    again = run(tmp_path, *STEPS_TINY)
-    assert again.returncode == 0 and '1 jobs, 0 to run' in again.stdout and 'report kept' in again.stdout
+    again = run(tmp_path, *TINY)
+    assert again.returncode == 0 and '2 jobs, 0 to run' in again.stdout and 'report kept' in again.stdout

@@ -1,9 +1,9 @@
-"""The step-count protocol's aggregation (sweep.py runs it): results/steps/*.json ->
+"""The step-count protocol's aggregation (experiments/reproduce.py --report runs it): results/steps/*.json ->
 results/steps_tables.md (the headline table per data set and sampler, the final metric against S,
 the shape of D_MMD(t) and A(t), the regulariser's signal, the cost per step), steps_summary.json
 and the figures steps_final_DS.png, steps_curves_DS.png, steps_reg_signal.png.
 
-    python reproduce.py --protocol steps --report
+    python -m experiments.reproduce --report
 """
 import json
 import math
@@ -14,8 +14,7 @@ import torch
 
 import data as D
 import runtime as R
-from report import RES
-from sweep import CURVE_STEPS, FRESH_SEED, METHODS, N_REF, REGIMES, STEPS, T0_FRACTIONS, ClassifierMetric, ToyMetric
+from experiments.protocol import RES, CURVE_STEPS, FRESH_SEED, METHODS, N_REF, REGIMES, STEPS, T0_FRACTIONS, ClassifierMetric, ToyMetric
 
 
 def load_steps(res_dir):
@@ -141,7 +140,7 @@ def report_steps(a):
     if reg_rows:
         md.append('\n### The regulariser\'s signal: logged L_reg over the last 20 % of training against its '
                   'perfect-model floor (reg_floor), and |grad of lambda_reg w_r L_reg| / |grad of lambda_nll L_nll| '
-                  '(bench.py --what reg-grad, seed 0, end of training)')
+                  '(python -m experiments.bench --what reg-grad, seed 0, end of training)')
         md.append('| data set | T | method | L_reg (end) | floor | ratio | grad fraction (median) |')
         md.append('|---|---|---|---|---|---|---|')
         for k, v in reg_rows.items():
@@ -149,7 +148,7 @@ def report_steps(a):
                       f"{fmt(v['ratio'], 2)} | {v['grad_fraction'] if v['grad_fraction'] is not None else '-'} |")
         plot_reg_signal(plt, runs)
     for ds, t in timing.items():
-        md.append(f'\n### {ds}: cost of one training step (`python bench.py --what methods`, interleaved, 1 thread)')
+        md.append(f'\n### {ds}: cost of one training step (`python -m experiments.bench --what methods`, interleaved, 1 thread)')
         md.append('| method | ms/step | ratio to vanilla | peak memory (MB) |')
         md.append('|---|---|---|---|')
         for m, r in t['methods'].items():

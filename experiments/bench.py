@@ -2,11 +2,11 @@
 (Sec. 5; the paper's Fig. 4 is about this cost), the cost of measuring D_MMD(t) (Sec. 4.2), and
 the regulariser's gradient against the eps-MSE gradient on a trained model.
 
-    python bench.py                                    # train, reg, errprop: minutes on a CPU
-    python bench.py --what reg --batch-size 128 --k both --json reg.json
-    python bench.py --what methods --flags "--dataset 8gaussians" --variant vanilla= "ip=--loss ip"
-    python bench.py --what reg-grad --ckpt out/8gaussians
-    python bench.py --what compare --compare 06936f2 --model cifar10 --batch-size 8 --reps 5
+    python -m experiments.bench                                    # train, reg, errprop: minutes on a CPU
+    python -m experiments.bench --what reg --batch-size 128 --k both --json reg.json
+    python -m experiments.bench --what methods --flags "--dataset 8gaussians" --variant vanilla= "ip=--loss ip"
+    python -m experiments.bench --what reg-grad --ckpt out/8gaussians
+    python -m experiments.bench --what compare --compare 06936f2 --model cifar10 --batch-size 8 --reps 5
 
 Every timing runs train.py's own step (trainstep.local_batch, trainstep.compute_loss, then
 trainstep.optimizer_step: backward, clip, Adam, EMA), the module train.py runs it from.
@@ -244,7 +244,7 @@ def bench_reg(a, dev):
 
 def bench_methods(a, dev):
     """--variant NAME=FLAGS ...: train.py flag sets on top of --flags, on the real training set of
-    the first variant's data set, timed interleaved (reproduce.py's timing jobs)."""
+    the first variant's data set, timed interleaved (experiments/reproduce.py's timing jobs)."""
     variants = []
     for v in a.variant:
         name, _, flags = v.partition('=')
@@ -284,14 +284,15 @@ def bench_errprop(a, dev):
     return rows
 
 
-PROJECT = ('model', 'diffusion', 'mmd', 'data', 'train', 'trainstep', 'runtime', 'quant', 'fid')
+PROJECT = ('model', 'diffusion', 'mmd', 'data', 'train', 'trainstep', 'runtime', 'quant', 'fid',
+           'neighbours', 'neighbours.quant', 'metrics', 'metrics.fid')   # flat trees, then folders
 
 
 def import_tree(ref, folder):
     """The project's modules as of git ref `ref` (extracted into `folder`), imported beside the
     current tree's: REF's train.py and what it imports of its own tree, under their usual names
     while importing, then put aside and the current tree's modules restored. -> {name: module}"""
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
     tar = subprocess.run(['git', '-C', here, 'archive', ref], capture_output=True)
     if tar.returncode:
         raise ValueError(f'--compare {ref}: git archive failed: {tar.stderr.decode().strip()}')
@@ -446,7 +447,7 @@ def main(argv=None):
     a.peak = device_peak(a, name)
     out = dict(device=f'{dev} ({name})', torch=torch.__version__, threads=torch.get_num_threads(),
                load_avg=' '.join(f'{v:.2f}' for v in os.getloadavg()), cores=os.cpu_count(),
-               command=shlex.join([sys.executable] + sys.argv if argv is None else ['bench.py'] + argv))
+               command=shlex.join([sys.executable] + sys.argv if argv is None else ['-m', 'experiments.bench'] + argv))
     for k, v in out.items():
         print(f'{k}: {v}')
     if not a.gpu and os.getloadavg()[0] > os.cpu_count() - 0.5 and torch.get_num_threads() > 1:

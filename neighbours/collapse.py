@@ -1,8 +1,8 @@
 """Recursive retraining on synthetic data (model collapse, seed 001; DESIGN.md Sec. 6), end to end:
 
-    python collapse.py --dataset gmm10d --generations 20 --alphas 0.1 0.5 0.9
-    python collapse.py ... -- --lr 5e-4          # flags after -- go to every train.py run
-    python collapse.py --score kde --runs 10     # the seed paper's own synthetic protocol
+    python -m neighbours.collapse --dataset gmm10d --generations 20 --alphas 0.1 0.5 0.9
+    python -m neighbours.collapse ... -- --lr 5e-4          # flags after -- go to every train.py run
+    python -m neighbours.collapse --score kde --runs 10     # the seed paper's own synthetic protocol
 
 Two protocols. `--score mlp` (default) is the project's own extension: every generation trains an MLP
 denoiser (train.py). `--score kde` is the seed paper's synthetic experiment (arXiv 2602.16601), whose
@@ -55,10 +55,10 @@ import torch
 
 import data as D
 import runtime as R
-from kde import VPSchedule, closure_drift_pct, closure_within_var, sample_kde, within_var
+from neighbours.kde import VPSchedule, closure_drift_pct, closure_within_var, sample_kde, within_var
 from mmd import mmd2, signed_sqrt
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 
 
 def parse_args(argv=None):

@@ -4,12 +4,13 @@ released variants, ADM-IP, SA-DPM) and the training-free one (epsilon scaling, o
 model) side by side, at S in {10, 20, 50, 100, 1000} sampling steps, for models trained with
 T = 1000 and with short chains (T = 50).
 
-    python reproduce.py --protocol steps              # toy sets, 5 seeds (resumable, 2 jobs at a time)
-    python reproduce.py --protocol steps --mnist      # + MNIST 14x14, 3 seeds (slow on CPU)
-    python reproduce.py --protocol steps --report     # only aggregate results/steps/*.json
+    python -m experiments.reproduce              # toy sets, 5 seeds (resumable, 2 jobs at a time)
+    python -m experiments.reproduce --mnist      # + MNIST 14x14, 3 seeds (slow on CPU)
+    python -m experiments.reproduce --report     # only aggregate results/steps/*.json
 
-This module holds the job list (reproduce.py runs the jobs: training is `python train.py ...`)
-and the evaluation of one trained model over S (evaluate_steps); sweep_report.py aggregates.
+This module holds the job list (experiments/reproduce.py runs the jobs: training is
+`python train.py ...`) and the evaluation of one trained model over S (evaluate_steps);
+experiments/report.py aggregates.
 Per run and per S, for the respaced ancestral chain and DDIM (eta 0):
   final metric  toy: MMD (gaussian kernel, unbiased, signed sqrt) of 1000 samples against 2000
                 (--n-ref) fresh draws of the true distribution; MNIST: Frechet distance and KID in the
@@ -20,8 +21,9 @@ Per run and per S, for the respaced ancestral chain and DDIM (eta 0):
   A(t)          amplification of an isotropic error (RMS 0.1) injected at t0 = 0.9 T, 0.5 T, 0.1 T
                 (mmd.fault_tolerance, 250 pairs of chains), at S = 20 and S = 1000 (MNIST: S = 20).
 For --reg runs, the regulariser's logged value against its perfect-model floor (reg_floor), and
-for seed 0 its gradient as a fraction of the eps-MSE gradient (bench.py --what reg-grad).
+for seed 0 its gradient as a fraction of the eps-MSE gradient (experiments/bench.py --what reg-grad).
 """
+import json
 import os
 
 import numpy as np
@@ -31,13 +33,19 @@ import data as D
 import runtime as R
 from diffusion import eps_scale_schedule
 from mmd import errprop_curve, fault_tolerance, mmd, mmd2, signed_sqrt
-from report import RES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
+# where results (committed) and raw runs (git-ignored) go; the environment can redirect both
+RES = os.environ.get('REPRO_RESULTS', os.path.join(ROOT, 'results'))
+OUT = os.environ.get('REPRO_OUT', os.path.join(ROOT, 'out', 'repro'))
+# the CPU-sized MNIST preset (runtime.py), with the data folder beside the repository
+MNIST_FLAGS = [*R.MNIST14_FLAGS[:6], '--data-dir', os.path.join(ROOT, '..', 'shared', 'data'), *R.MNIST14_FLAGS[6:]]
 
 STEPS = (10, 20, 50, 100, 1000)
 CURVE_STEPS = (20, 1000)
 ES_GRID = (1.0, 1.005, 1.01, 1.02, 1.05, 1.1, 1.2, 1.3, 1.5)   # brackets the best B at every S on the toy sets
 T0_FRACTIONS = (0.9, 0.5, 0.1)
-N_REF = 2000   # toy: fresh true draws the samples are scored against (reproduce.py --n-ref)
+N_REF = 2000   # toy: fresh true draws the samples are scored against (--n-ref)
 SAMPLE_SEED, SELECT_SEED, FRESH_SEED, SELECT_FRESH_SEED, EVAL_SEED = 1, 3, 99991, 2, 0
 REGIMES = {'T1000': ['--T', '1000'], 'T50': ['--T', '50']}
 METHODS = {   # name -> train.py flags, in the order of the tables
@@ -52,7 +60,21 @@ METHODS = {   # name -> train.py flags, in the order of the tables
 TOY_SETS = ('8gaussians', 'swissroll')
 
 
-def job_list(a, mnist_flags):
+def mnist_flags(a):
+    return MNIST_FLAGS + ['--lr', str(a.mnist_lr)]
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def result_path(name):
+    """The file whose existence means job `name` is done."""
+    return os.path.join(RES, 'steps', name + '.json')
+
+
+def job_list(a):
     """Ordered by priority: whatever --budget-min cuts off is the least needed. Names start with
     'steps_' (their results go to results/steps/)."""
     jobs = []
@@ -83,7 +105,7 @@ def job_list(a, mnist_flags):
                 for ds2, rg, m in second:
                     run(ds2, rg, m, seed, a.max_steps)
     if a.mnist:   # T = 50 first: where the toy sets show the regulariser doing something
-        fl = mnist_flags(a) + ['--dtype', 'bf16']   # bf16 trains as well as fp32 (results/runs/mnist_dtype_*)
+        fl = mnist_flags(a) + ['--dtype', 'bf16']   # bf16 trains as well as fp32 (results/paper1000/runs/mnist_dtype_*)
         for group in ((('T50', 'vanilla'), ('T50', 'reg')), (('T50', 'ip'), ('T50', 'sa'))):
             for seed in a.seeds[:3]:
                 for rg, m in group:
@@ -118,7 +140,7 @@ class ToyMetric:
 class ClassifierMetric:
     """Frechet distance and KID in the MNIST classifier's features against the training set."""
     def __init__(self, cfg, device='cpu'):
-        import fid as F
+        from metrics import fid as F
         self.F = F
         self.net, self.info = F.mnist_classifier(cfg['data_dir'], cfg['image_size'], device)
         x = D.load_data('mnist', cfg['data_dir'], cfg['image_size'])

@@ -11,7 +11,7 @@ import torch
 
 import runtime as R
 from mmd import chunked, mmd2, signed_sqrt
-from quant import build_comp, build_quantized, calibrate, chain_coefficients, comp_keys, weight_group
+from neighbours.quant import build_comp, build_quantized, calibrate, chain_coefficients, comp_keys, weight_group
 
 
 def psnr(x, ref):

@@ -1,8 +1,8 @@
 """The GPU path, proven: one command that runs every full-scale promise of this repository on one
 CUDA device in about 20 minutes and writes what it measured to results/gpu.json and results/gpu.md.
 
-    python gpu_check.py                                         # one GPU: ~20 minutes
-    python gpu_check.py --device cpu --tiny --out-dir /tmp/g --results /tmp/g   # CPU smoke test
+    python -m experiments.gpu_check                                         # one GPU: ~20 minutes
+    python -m experiments.gpu_check --device cpu --tiny --out-dir /tmp/g --results /tmp/g   # CPU smoke test
 
 Steps (each a subprocess with its exact argv, wall time and return code recorded; a failing step
 is recorded with the end of its stderr and the next one runs; the exit status is 1 if any failed):
@@ -34,12 +34,12 @@ import runtime as R
 
 BATCH = 128
 TARGETS = dict(mfu=0.35, reg_time=2.8, card_GB=80.0, fig1_min=5.0)   # what the GPU session checks
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 
 
 def script(name):
-    """A sibling script's path as the user would type it (bench.py when run from the repository)."""
-    return os.path.relpath(os.path.join(HERE, name))
+    """A top-level script's path as the user would type it (train.py when run from the repository)."""
+    return os.path.relpath(os.path.join(ROOT, name))
 
 
 def parse(argv=None):
@@ -233,7 +233,7 @@ def main(argv=None):
     steps, t_start = Steps(os.path.join(work, 'logs'), env), time.time()
     rep = dict(tiny=tiny, env=environment(dev), work_dir=work)
     model, B = ('tiny', 4) if tiny else ('cifar10', BATCH)
-    bench = [py, script('bench.py'), '--model', model, '--batch-size', str(B), '--device', dev]
+    bench = [py, '-m', 'experiments.bench', '--model', model, '--batch-size', str(B), '--device', dev]
     bench += ['--iters', '2', '--warmup', '0', '--reps', '1', '--threads', '1'] if tiny else []
     bench += ['--peak-tflops', *map(str, a.peak_tflops)] if a.peak_tflops else []
     long = 120 if tiny else 1200   # per-step limits: a hung step costs minutes, not the session

@@ -1,0 +1,222 @@
+"""Regenerate the step-count protocol of RESULTS.md from scratch: every trained cure and epsilon
+scaling at S in {10, 20, 50, 100, 1000} sampling steps, for models trained with T = 1000 and T = 50
+(the job list and the evaluation of one model: experiments/protocol.py; the tables and figures:
+experiments/report.py).
+
+    python -m experiments.reproduce                  # the toy sets, 5 seeds, 2 processes at a time
+    python -m experiments.reproduce --mnist          # + MNIST 14x14, 3 seeds (slow on CPU)
+    python -m experiments.reproduce --report         # only re-aggregate results/steps/ and redraw
+
+Resumable: a finished job (results/steps/NAME.json) is skipped, an interrupted training continues
+from its checkpoint. Raw runs live in out/repro/ (git-ignored); small artifacts in results/.
+Every training run is exactly `python train.py ARGS` (printed in the job's log and stored in its
+JSON), every timing `python -m experiments.bench --what methods ...`. All processes run
+single-threaded (OMP_NUM_THREADS=1): the machine is a shared 2-core CPU.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+import torch  # noqa: E402
+
+import runtime as R  # noqa: E402
+from experiments import protocol as P  # noqa: E402
+from experiments.protocol import OUT, RES, ROOT, mnist_flags, read_json, result_path  # noqa: E402
+
+
+def job_list(a):
+    """Ordered by priority (what RESULTS.md needs most comes first); --only keeps a subset."""
+    jobs = P.job_list(a)
+    return [j for j in jobs if any(o in j['name'] for o in a.only)] if a.only else jobs
+
+
+def bench(*args):
+    """`python -m experiments.bench ARGS`, one thread, on the CPU."""
+    cmd = [sys.executable, '-m', 'experiments.bench', *args, '--threads', '1', '--device', 'cpu']
+    print(' '.join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+# ---- job: interleaved timing of one training step per method ----------------------------------
+def job_timing(a, job):
+    """train.py's step for every method in ONE process, interleaved (each repetition runs every
+    method for the same step indices), 1 thread."""
+    mnist = job.get('dataset') == 'mnist'
+    base = ['--dataset', 'mnist'] + mnist_flags(a) if mnist else ['--dataset', job.get('dataset', '8gaussians')]
+    bench('--what', 'methods', '--reps', str(a.timing_reps), '--iters', str(4 if mnist else a.timing_iters),
+          '--warmup', '3', '--verbose', '--flags', ' '.join(base + ['--seed', '0']),
+          '--json', result_path(job['name']), '--variant', *[f"{k}={' '.join(fl)}" for k, fl in job['timed'].items()])
+
+
+# ---- job: train one run, then evaluate it over S ------------------------------------------------
+def steps_of(job, a):
+    s = job['steps']
+    if isinstance(s, str) and s.startswith('eqtime:'):   # equal time: S * t_vanilla / t_method
+        ratio = read_json(result_path(job['timing']))['methods'][job['ratio_key']]['ratio']
+        return max(1, round(job.get('base_steps', a.max_steps) / ratio)), ratio
+    return s, None
+
+
+def train_job(job, a):
+    """Train (or resume) the job's run, exactly `python train.py ARGV`; returns what its JSON records."""
+    torch.set_num_threads(1)
+    out = os.path.join(OUT, job['name'])
+    os.makedirs(out, exist_ok=True)
+    R.atomic_write(os.path.join(out, 'job.pid'), lambda f: f.write(str(os.getpid())), binary=False)
+    steps, ratio = steps_of(job, a)
+    argv = ['--dataset', job['dataset'], '--seed', str(job['seed']), '--max-steps', str(steps),
+            '--out-dir', out, '--log-every', '10', '--save-every', '500', '--n-preview', str(min(256, a.n_true))]
+    argv += job['flags'] + (['--sample-every', '0', '--n-preview', '64'] if job['dataset'] == 'mnist' else [])
+    ckpt = os.path.join(out, 'ckpt.pt')
+    done = os.path.isfile(ckpt) and R.read_checkpoint(ckpt)['step'] >= steps
+    t0 = time.time()
+    if not done:   # exactly `python train.py ARGV`
+        cmd = ['--out-dir', out, '--resume', '--max-steps', str(steps)] if os.path.isfile(ckpt) else argv
+        print('python train.py ' + ' '.join(cmd), flush=True)
+        subprocess.run([sys.executable, os.path.join(ROOT, 'train.py')] + cmd, check=True)
+    with open(os.path.join(out, 'log.jsonl')) as f:
+        log = [json.loads(line) for line in f]
+    res = dict(job={k: v for k, v in job.items() if k != 'deps'}, steps=steps, eqtime_ratio=ratio,
+               train_argv=argv, train_wall_s=time.time() - t0 if not done else None,
+               loss_curve=[[r['step'], r['loss']] for r in log])
+    if any('loss_reg' in r for r in log):
+        res['reg_curve'] = [[r['step'], r['loss_reg']] for r in log if 'loss_reg' in r]
+    return out, res
+
+
+def job_steps(a, job):
+    """Train, then evaluate over S; --reg runs also get their regulariser's perfect-model floor,
+    seed 0 the regulariser's gradient fraction."""
+    out, res = train_job(job, a)
+    model, diff, cfg = R.load_checkpoint(out, 'cpu', ema=True)
+    res['config'] = cfg
+    t0 = time.time()
+    mnist = job['dataset'] == 'mnist'
+    res.update(P.evaluate_steps(model, diff, cfg, n=a.mnist_n if mnist else a.n_true,
+                                n_select=a.mnist_n // 2 if mnist else min(500, a.n_true),
+                                es_max_steps=100, chunk=250 if mnist else None, n_ref=a.n_ref))
+    if cfg['reg']:
+        res['reg_floor'] = P.reg_floor(cfg)
+    if job['seed'] == 0 and job['method'] in ('vanilla', 'reg', 'reg_S20', 'reg_l0.5', 'reg_l0.8'):
+        tmp = result_path(job['name']) + '.reg_grad.json'
+        bench('--what', 'reg-grad', '--ckpt', out, '--json', tmp)
+        res['reg_grad'] = read_json(tmp)['reg_grad']
+        os.remove(tmp)
+    res['eval_wall_s'] = time.time() - t0
+    R.write_json(result_path(job['name']), res)
+
+
+class Waiter:
+    """Popen-like handle of a job that another (earlier) scheduler started."""
+    def __init__(self, name, alive):
+        self.name, self.alive, self.returncode = name, alive, None
+
+    def poll(self):
+        if self.alive(self.name):
+            return None
+        self.returncode = 0
+        return 0
+
+
+# ---- scheduler: at most --jobs processes at a time ----------------------------------------------
+def schedule(a):
+    jobs = job_list(a)
+    todo = [j for j in jobs if not os.path.isfile(result_path(j['name']))]
+    print(f'{len(jobs)} jobs, {len(todo)} to run (S = {a.max_steps}, seeds {a.seeds})', flush=True)
+    os.makedirs(os.path.join(OUT, 'logs'), exist_ok=True)
+    t_start, running, failed, started = time.time(), {}, set(), 0
+
+    def finished(name):
+        return os.path.isfile(result_path(name))
+
+    def alive_elsewhere(name):
+        try:
+            with open(os.path.join(OUT, name, 'job.pid')) as f:
+                pid = int(f.read())
+            os.kill(pid, 0)
+            return pid != os.getpid()
+        except (OSError, ValueError):
+            return False
+
+    while todo or running:
+        for name, (p, t0) in list(running.items()):
+            if p.poll() is not None:
+                del running[name]
+                ok = p.returncode == 0 and finished(name)
+                failed |= set() if ok else {name}
+                print(f'[{(time.time() - t_start) / 60:6.1f} min] {"done" if ok else "FAILED"} {name} '
+                      f'({time.time() - t0:.0f} s)', flush=True)
+        over = a.budget_min and (time.time() - t_start) / 60 > a.budget_min
+        for j in list(todo):
+            if len(running) >= a.jobs or over:
+                break
+            if any(d in failed for d in j['deps']):
+                todo.remove(j)
+                failed.add(j['name'])
+                continue
+            if not all(finished(d) for d in j['deps']):
+                continue
+            todo.remove(j)
+            if alive_elsewhere(j['name']):   # started by an earlier scheduler: wait for it
+                running[j['name']] = (Waiter(j['name'], alive_elsewhere), time.time())
+                print(f'[{(time.time() - t_start) / 60:6.1f} min] waiting for running {j["name"]}', flush=True)
+                continue
+            cmd = [sys.executable, '-m', 'experiments.reproduce', '--job', j['name']] + a.passthrough
+            log = open(os.path.join(OUT, 'logs', j['name'] + '.log'), 'a')
+            running[j['name']] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                                   env=dict(os.environ, OMP_NUM_THREADS='1')), time.time())
+            started += 1
+            print(f'[{(time.time() - t_start) / 60:6.1f} min] start {j["name"]}', flush=True)
+        if over and not running:
+            print(f'budget of {a.budget_min} min reached; not started: {[j["name"] for j in todo]}', flush=True)
+            break
+        time.sleep(2)
+    print(f'all done in {(time.time() - t_start) / 60:.1f} min; failed: {sorted(failed) or "none"}', flush=True)
+    return jobs, started
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--max-steps', type=int, default=1000, help='training steps of every toy run')
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2, 3, 4], help='MNIST: the first 3')
+    p.add_argument('--jobs', type=int, default=2, help='processes at a time')
+    p.add_argument('--timing-reps', type=int, default=5)
+    p.add_argument('--timing-iters', type=int, default=20, help='timed steps per method and repetition')
+    p.add_argument('--n-true', type=int, default=1000, help='toy: model samples against the known distribution')
+    p.add_argument('--n-ref', type=int, default=P.N_REF, help='toy: fresh true draws the samples are scored against')
+    p.add_argument('--budget-min', type=float, default=0, help='start no new job after this many minutes')
+    p.add_argument('--only', nargs='+', help='only jobs whose name contains one of these')
+    p.add_argument('--mnist', action='store_true', help='also the MNIST runs (tiny U-Net; slow on CPU)')
+    p.add_argument('--mnist-max-steps', type=int, default=2000)
+    p.add_argument('--mnist-lr', type=float, default=5e-4)
+    p.add_argument('--mnist-n', type=int, default=256, help='MNIST: samples per evaluation')
+    p.add_argument('--report', action='store_true', help='only aggregate and plot what exists')
+    p.add_argument('--job', help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if len(a.seeds) < 1 or a.max_steps < 5 or a.n_true < 2 or a.n_ref < 2 or a.jobs < 1:
+        R.fail('need --seeds, --max-steps >= 5, --jobs >= 1, --n-true and --n-ref >= 2')
+    a.passthrough = [x for x in sys.argv[1:] if x != '--report']
+    if a.job:
+        a.only = None   # the child must find its job in the full list
+        job = next((j for j in job_list(a) if j['name'] == a.job), None)
+        if job is None:
+            R.fail(f'no job {a.job}')
+        dict(timing=job_timing, steps=job_steps)[job['kind']](a, job)
+        return
+    from experiments.report import report_steps   # matplotlib only where a report is drawn
+    if not a.report:
+        jobs, started = schedule(a)
+        tables = os.path.join(RES, 'steps_tables.md')
+        done = [result_path(j['name']) for j in jobs if os.path.isfile(result_path(j['name']))]
+        if not started and os.path.isfile(tables) and all(os.path.getmtime(f) <= os.path.getmtime(tables) for f in done):
+            print(f'nothing new since {tables} was written: report kept (--report rewrites it)')
+            return
+    report_steps(a)
+
+
+if __name__ == '__main__':
+    main()

@@ -36,6 +36,7 @@ CONFIG = dict(
     reg=False, reg_L=5, reg_rho=None, lambda_reg=0.2, lambda_nll=0.8,  # Sec. 7.1; rho None: 3 / T
     reg_kernel='multigauss', reg_stat='mmd', reg_grad='full', reg_norm='mean1',
     reg_weight='exp', warm_start=True, reg_steps=None,
+    reg_batch=None, reg_halves=False,         # Algorithm 1's second batch (None: --batch-size); halves: released code
     synthetic=None, fresh_frac=1.0,           # recursive retraining (model collapse)
     batch_size=None, lr=None, warmup=None, grad_clip=1.0, ema_decay=None, max_steps=None,
     seed=0, device='auto', dtype='fp32', compile=False, channels_last=False,
@@ -65,9 +66,11 @@ CHOICES = dict(dataset=D.DATASETS, sigma=('beta', 'posterior'), loss=('eps', 'ip
                reg_grad=('full', 'last'), reg_norm=('mean1', 'sum1'), reg_weight=('exp', 'uniform'),
                dtype=('fp32', 'bf16'))
 NONE_TYPES = dict(image_size=int, model=str, dropout=float, beta_1=float, beta_T=float, reg_rho=float,
-                  reg_steps=int, synthetic=str, batch_size=int, lr=float, warmup=int, ema_decay=float,
+                  reg_steps=int, reg_batch=int, synthetic=str, batch_size=int, lr=float, warmup=int, ema_decay=float,
                   max_steps=int, out_dir=str, init_from=str, log_every=int, sample_every=int,
                   save_every=int, n_preview=int, preview_steps=int)
+# what a checkpoint written before a setting existed was trained with (a resumed run keeps it)
+LEGACY = dict(reg_halves=True)
 # what a resumed run may change; everything else defines the run and is refused
 RESUMABLE = {'max_steps', 'log_every', 'save_every', 'sample_every', 'n_preview', 'preview_steps', 'device',
              'dtype', 'compile', 'channels_last', 'data_dir', 'out_dir', 'resume', 'lr', 'grad_clip'}
@@ -126,8 +129,10 @@ def check_config(cfg):
         fail(f"--reg-L must be in 1..T={cfg['T']}")
     if cfg['reg_steps'] is not None and not (cfg['reg'] and cfg['reg_L'] <= cfg['reg_steps'] <= cfg['T']):
         fail(f"--reg-steps S needs --reg and --reg-L <= S <= T={cfg['T']}")
-    if cfg['reg'] and cfg['batch_size'] < 4:
-        fail('--reg splits the batch in two halves for MMD: use --batch-size >= 4')
+    if cfg['reg'] and cfg['reg_halves'] and cfg['batch_size'] < 4:
+        fail('--reg-halves splits the batch in two halves for MMD: use --batch-size >= 4')
+    if cfg['reg_batch'] is not None and (cfg['reg_halves'] or not cfg['reg'] or cfg['reg_batch'] < 2):
+        fail('--reg-batch N (>= 2) sets the size of the regulariser\'s second batch: it needs --reg and no --reg-halves')
     if cfg['lr'] < 0 or cfg['grad_clip'] <= 0 or not 0 <= cfg['ema_decay'] < 1:
         fail('need --lr >= 0, --grad-clip > 0 and 0 <= --ema-decay < 1')
 
@@ -352,7 +357,7 @@ def load_checkpoint(path, device='cpu', ema=True):
     else:
         file = checkpoint_file(path)
         ck = read_checkpoint(file)
-        cfg = dict(ck['config'], data_shape=list(ck['data_shape']))
+        cfg = dict(LEGACY, **ck['config'], data_shape=list(ck['data_shape']))
         resolve_schedule(cfg)   # runs written before the schedule rule stored explicit betas
         state = ck['ema' if ema else 'model']
         try:

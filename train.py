@@ -26,7 +26,7 @@ import torch.distributed as dist
 import data as D
 import runtime as R
 from model import build_model, cpu_has_native_bf16, set_dropout_shard
-from trainstep import compute_loss, local_batch, optimizer_step, set_lr, training_set
+from trainstep import compute_loss, local_batch, optimizer_step, reg_batch_size, set_lr, training_set
 
 
 # ---- set-up: a new run or a resumed one; nothing is written until every check has passed -------
@@ -43,7 +43,7 @@ def start_or_resume(cfg, given):
     if not os.path.isfile(ckpt_path):
         R.fail(f'--resume found no {ckpt_path}; pass the --out-dir of the run')
     ck = R.read_checkpoint(ckpt_path)
-    saved = dict(R.CONFIG, **ck['config'])
+    saved = {**R.CONFIG, **R.LEGACY, **ck['config']}
     R.resolve_schedule(saved)
     changed = sorted(k for k in given - R.RESUMABLE if cfg[k] != saved.get(k))
     if changed:
@@ -115,13 +115,17 @@ def main(argv=None):
     device, rank, world = R.setup_device(cfg['device'])
     if cfg['batch_size'] % world:
         R.fail(f"--batch-size {cfg['batch_size']} must divide over {world} ranks")
-    if cfg['reg'] and cfg['batch_size'] // world < 4:
-        R.fail(f"--reg splits each rank's batch in two halves for MMD: use --batch-size >= {4 * world} "
+    cfg, ck = start_or_resume(cfg, given)   # reads only: nothing is written before these checks pass
+    if cfg['reg'] and cfg['reg_halves'] and cfg['batch_size'] // world < 4:
+        R.fail(f"--reg-halves splits each rank's batch in two halves for MMD: use --batch-size >= {4 * world} "
                f'on {world} ranks')
-    cfg, ck = start_or_resume(cfg, given)
+    if reg_batch_size(cfg) % world or 0 < reg_batch_size(cfg) // world < 2:
+        R.fail(f'--reg-batch {reg_batch_size(cfg)} must divide over {world} ranks, at least 2 samples each')
     master, out = rank == 0, cfg['out_dir']
     ckpt_path = os.path.join(out, 'ckpt.pt')
     data = training_set(cfg).to(device)
+    if reg_batch_size(cfg) > len(data):
+        R.fail(f'--reg-batch {reg_batch_size(cfg)} exceeds the {len(data)} training examples: lower --reg-batch')
     shape = D.data_shape(data)
     diff = R.make_diffusion(cfg, device)
     raw, ema, opt, step = build_state(cfg, shape, device, ck)
@@ -151,8 +155,9 @@ def main(argv=None):
         torch.manual_seed(R.seed_of(cfg['seed'], 'dropout', step))   # the same on every rank
         set_lr(opt, cfg, step)
         x0 = local_batch(data, cfg, step, rank, world, device)
+        x_reg = local_batch(data, cfg, step, rank, world, device, 'reg') if reg_batch_size(cfg) else None
         with autocast:
-            loss, stats = compute_loss(model, diff, x0, cfg, step, rank, world)
+            loss, stats = compute_loss(model, diff, x0, cfg, step, rank, world, x_reg=x_reg)
         gnorm = optimizer_step(loss, raw, opt, ema, cfg)
         first_bad = torch.where((first_bad < 0) & ~(torch.isfinite(loss.detach()) & torch.isfinite(gnorm)),
                                 step + 1, first_bad)

@@ -63,25 +63,46 @@ def batch_indices(n, batch_size, step, seed):
     return epoch_permutation(n, seed, epoch)[i * batch_size:(i + 1) * batch_size].clone()
 
 
-def local_batch(data, cfg, step, rank, world, device):
-    """This rank's slice of the global batch of `step`, in model space, flipped where DDPM did."""
-    B, b = cfg['batch_size'], cfg['batch_size'] // world
-    idx = batch_indices(len(data), B, step, cfg['seed'])[rank * b:(rank + 1) * b]
+def local_batch(data, cfg, step, rank, world, device, purpose='batch'):
+    """This rank's slice of the global batch of `step`, in model space, flipped where DDPM did.
+    purpose 'reg': the regulariser's second batch (Algorithm 1's S_0', reg_batch_size samples),
+    drawn independently of the training batch (its own permutation per step, its own flips)."""
+    if purpose == 'batch':
+        B = cfg['batch_size']
+        idx = batch_indices(len(data), B, step, cfg['seed'])
+    else:
+        B = reg_batch_size(cfg)
+        if B > len(data):
+            raise ValueError(f'--reg-batch {B} exceeds the data set size {len(data)}: lower --reg-batch')
+        idx = torch.randperm(len(data), generator=R.rng(cfg['seed'], 'reg-batch', step))[:B]
+    b = B // world
+    idx = idx[rank * b:(rank + 1) * b]
     x = D.to_model_space(data[idx.to(data.device)].to(device))
     if D.uses_flips(cfg['dataset']):
-        flip = (torch.rand(B, generator=R.rng(cfg['seed'], 'flip', step)) < 0.5)[rank * b:(rank + 1) * b]
-        x = torch.where(flip.to(device).view(-1, 1, 1, 1), x.flip(3), x)
+        flip = torch.rand(B, generator=R.rng(cfg['seed'], 'flip' if purpose == 'batch' else 'reg-flip', step)) < 0.5
+        x = torch.where(flip[rank * b:(rank + 1) * b].to(device).view(-1, 1, 1, 1), x.flip(3), x)
     return x
 
 
+def reg_batch_size(cfg):
+    """The global size of the regulariser's second batch (Algorithm 1's S_0'), or 0 with
+    --reg-halves (the released code's shortcut: the two halves of the training batch)."""
+    if not cfg['reg'] or cfg.get('reg_halves'):
+        return 0
+    return cfg.get('reg_batch') or cfg['batch_size']
+
+
 # ---- one training step ------------------------------------------------------------------------
-def compute_loss(model, diff, x0, cfg, step, rank=0, world=1, fixed_k=None):
+def compute_loss(model, diff, x0, cfg, step, rank=0, world=1, fixed_k=None, x_reg=None):
     """Total loss for the local batch x0 (b, ...) of rank `rank`; returns (loss, stats).
     fixed_k replaces the draw k ~ U{1..L} (bench.py measures the cost at a given k).
+    x_reg (m, ...): the regulariser's second batch, local_batch(..., purpose='reg') (needed with
+    --reg unless --reg-halves).
 
     Per-sample randomness (t, eps) is drawn for the whole global batch from a generator seeded by
     (seed, step) and sliced, so N ranks reproduce one process. The regulariser works on the
-    rank's own batch: one half warm-starts the chain, the other gives q(x_r).
+    rank's own batches: as Algorithm 1, the training batch warm-starts the chain and the second,
+    independent batch gives q(x_r); with --reg-halves one half of x0 does each.
     """
     dev, b = x0.device, x0.shape[0]
     B, lo = b * world, b * rank
@@ -108,8 +129,13 @@ def compute_loss(model, diff, x0, cfg, step, rank=0, world=1, fixed_k=None):
     S = cfg.get('reg_steps')
     r = int(torch.randint(0, S or diff.T, (1,), generator=gc))          # r ~ U{0..T-1}
     k = fixed_k or int(torch.randint(1, cfg['reg_L'] + 1, (1,), generator=gc))   # k ~ U{1..L}
-    half = b // 2
-    reg = consistency_reg(model, diff, x0[:half], x0[half:2 * half], r, k,
+    if cfg.get('reg_halves'):
+        x_a, x_b = x0[:b // 2], x0[b // 2:2 * (b // 2)]
+    elif x_reg is None:
+        raise ValueError('--reg needs its second batch: pass x_reg=local_batch(..., purpose="reg") (or use --reg-halves)')
+    else:
+        x_a, x_b = x0, x_reg
+    reg = consistency_reg(model, diff, x_a, x_b, r, k,
                           lambda shape: torch.randn(shape, generator=gr, device=dev),
                           cfg['reg_grad'], cfg['warm_start'], cfg['reg_kernel'], cfg['reg_stat'],
                           reg_steps=S)

@@ -148,8 +148,11 @@ def make_step(cfg, data, dev, dtype, compile_, mods=None, state=None):
     def step(i, cfg=cfg, fixed_k=None):
         torch.manual_seed(R.seed_of(cfg['seed'], 'dropout', i))   # as train.py
         x0 = T.local_batch(data, cfg, i, 0, 1, dev)
+        extra = {}   # the regulariser's second batch (trees from before it took the batch's halves)
+        if getattr(T, 'reg_batch_size', lambda c: 0)(cfg):
+            extra['x_reg'] = T.local_batch(data, cfg, i, 0, 1, dev, 'reg')
         with amp:
-            loss, stats = T.compute_loss(model, diff, x0, cfg, i, fixed_k=fixed_k)
+            loss, stats = T.compute_loss(model, diff, x0, cfg, i, fixed_k=fixed_k, **extra)
         T.optimizer_step(loss, raw, opt, ema, cfg)
         return dict(stats, loss=loss.detach())
     return step, raw
@@ -367,8 +370,9 @@ def bench_reg_grad(a, dev):
     norm = lambda gs: float(sum(x.pow(2).sum() for x in gs).sqrt())   # noqa: E731
     for step in range(5000, 5000 + a.batches):
         x0 = trainstep.local_batch(data, cfg, step, 0, 1, dev)
-        nll, _ = trainstep.compute_loss(model, diff, x0, {**cfg, 'lambda_reg': 0.0}, step)
-        reg, st = trainstep.compute_loss(model, diff, x0, {**cfg, 'lambda_nll': 0.0}, step)
+        xr = trainstep.local_batch(data, cfg, step, 0, 1, dev, 'reg') if trainstep.reg_batch_size(cfg) else None
+        nll, _ = trainstep.compute_loss(model, diff, x0, {**cfg, 'lambda_reg': 0.0}, step, x_reg=xr)
+        reg, st = trainstep.compute_loss(model, diff, x0, {**cfg, 'lambda_nll': 0.0}, step, x_reg=xr)
         gn, gr = norm(torch.autograd.grad(nll, ps)), norm(torch.autograd.grad(reg, ps))
         rows.append(dict(step=step, r=st['r'], k=st['k'], w=st['w'], grad_nll=gn, grad_reg=gr, ratio=gr / gn))
     ratio = [r['ratio'] for r in rows]

@@ -50,11 +50,13 @@ SAMPLE_SEED, SELECT_SEED, FRESH_SEED, SELECT_FRESH_SEED, EVAL_SEED = 1, 3, 99991
 REGIMES = {'T1000': ['--T', '1000'], 'T50': ['--T', '50']}
 METHODS = {   # name -> train.py flags, in the order of the tables
     'vanilla': [], 'ip': ['--loss', 'ip'], 'sa': ['--loss', 'sa'],
-    'reg': ['--reg'],   # the paper's lambda_reg = 0.2, lambda_nll = 0.8
-    'reg_l0.5': ['--reg', '--lambda-reg', '0.5', '--lambda-nll', '0.5'],
-    'reg_l0.8': ['--reg', '--lambda-reg', '0.8', '--lambda-nll', '0.2'],
-    'reg_S20': ['--reg', '--reg-steps', '20'],   # the regulariser on the 20-step chain (T = 1000 only)
-    'reg_released': ['--reg', '--reg-stat', 'mmd2', '--lambda-nll', '1', '--lambda-reg', '1',
+    # every arm here compares the halves of the training batch (--reg-halves): how results/steps
+    # was trained, before Algorithm 1's second batch became the default
+    'reg': ['--reg', '--reg-halves'],   # the paper's lambda_reg = 0.2, lambda_nll = 0.8
+    'reg_l0.5': ['--reg', '--reg-halves', '--lambda-reg', '0.5', '--lambda-nll', '0.5'],
+    'reg_l0.8': ['--reg', '--reg-halves', '--lambda-reg', '0.8', '--lambda-nll', '0.2'],
+    'reg_S20': ['--reg', '--reg-halves', '--reg-steps', '20'],   # the regulariser on the 20-step chain (T = 1000 only)
+    'reg_released': ['--reg', '--reg-halves', '--reg-stat', 'mmd2', '--lambda-nll', '1', '--lambda-reg', '1',
                      '--reg-weight', 'uniform'],   # close to the authors' released code (README)
 }
 TOY_SETS = ('8gaussians', 'swissroll')
@@ -220,13 +222,16 @@ def reg_floor(cfg, draws=200, device='cpu'):
                                         cfg['seed'])).to(device)
     diff = R.make_diffusion(cfg, device)
     g = torch.Generator().manual_seed(12345)
-    half, vals = cfg['batch_size'] // 2, []
+    # the regulariser's two sets: the halves of the batch (--reg-halves), or the batch and the second batch
+    na, nb = ((cfg['batch_size'] // 2,) * 2 if cfg.get('reg_halves', True)
+              else (cfg['batch_size'], cfg.get('reg_batch') or cfg['batch_size']))
+    vals = []
     for _ in range(draws):
-        idx = torch.randperm(len(data), generator=g)[:3 * half]
+        idx = torch.randperm(len(data), generator=g)[:na + nb]
         S = cfg.get('reg_steps')
         r = int(torch.randint(0, S or diff.T, (1,), generator=g))
         r_t = r if S is None else diff.times(diff.T, 0, S)[::-1][r]
-        a, b = data[idx[:half]], data[idx[half:2 * half]]
+        a, b = data[idx[:na]], data[idx[na:]]
         xa = diff.q_sample(a, r_t, torch.randn(a.shape, generator=g)) if r_t > 0 else a
         xb = diff.q_sample(b, r_t, torch.randn(b.shape, generator=g)) if r_t > 0 else b
         stat = mmd if cfg['reg_stat'] == 'mmd' else mmd2   # as consistency_reg (estimator 'v')

@@ -220,7 +220,11 @@ def test_missing_cifar10_cli_error(tmp_path):
 def test_config_errors(tmp_path):
     cases = [(['--fresh-frac', '0.5'], 'synthetic'),
              (['--fresh-frac', '0'], 'fresh-frac'),
-             (['--reg', '--batch-size', '3'], 'batch-size'),
+             (['--reg', '--reg-halves', '--batch-size', '3'], 'batch-size'),
+             (['--reg', '--reg-batch', '1'], 'reg-batch'),
+             (['--reg-batch', '8'], 'reg-batch'),
+             (['--reg', '--reg-halves', '--reg-batch', '8'], 'reg-batch'),
+             (['--reg', '--reg-batch', '100000'], 'reg-batch'),
              (['--reg', '--reg-L', '0'], 'reg-L'),
              (['--batch-size', '0'], 'batch-size'),
              (['--resume', '--init-from', 'x'], 'init-from')]
@@ -415,3 +419,52 @@ def test_init_from_mismatched_network_is_one_line_error(trained, tmp_path):
     with pytest.raises(SystemExit) as e:
         run(tmp_path, '--init-from', trained, '--dataset', 'gmm10d', '--max-steps', 1)
     assert 'matching --model' in one_line_error(e)
+
+
+# ---- Algorithm 1's second batch ------------------------------------------------------------------
+def test_reg_second_batch_is_independent_and_sliced_per_rank():
+    cfg, _ = R.parse_config(FAST + ['--reg', '--batch-size', '8', '--reg-batch', '12'])
+    data = trainstep.training_set(cfg)
+    x0 = trainstep.local_batch(data, cfg, 5, 0, 1, 'cpu')
+    xr = trainstep.local_batch(data, cfg, 5, 0, 1, 'cpu', 'reg')
+    assert x0.shape[0] == 8 and xr.shape[0] == trainstep.reg_batch_size(cfg) == 12
+    # drawn from its own stream: not the training batch, not its first rows, and another per step
+    rows = {tuple(r.tolist()) for r in x0}
+    assert sum(tuple(r.tolist()) in rows for r in xr) < 4
+    assert not torch.equal(xr, trainstep.local_batch(data, cfg, 6, 0, 1, 'cpu', 'reg'))
+    assert torch.equal(xr, trainstep.local_batch(data, cfg, 5, 0, 1, 'cpu', 'reg'))
+    # two ranks hold the two halves of the one-process second batch
+    parts = [trainstep.local_batch(data, cfg, 5, r, 2, 'cpu', 'reg') for r in (0, 1)]
+    assert torch.equal(torch.cat(parts), xr)
+    # the default size is --batch-size; --reg-halves has no second batch
+    assert trainstep.reg_batch_size({**cfg, 'reg_batch': None}) == 8
+    assert trainstep.reg_batch_size({**cfg, 'reg_halves': True}) == 0
+
+
+def test_reg_uses_the_second_batch_unless_halves():
+    cfg, _ = R.parse_config(FAST + ['--reg', '--batch-size', '8', '--reg-L', '2'])
+    data = trainstep.training_set(cfg)
+    diff = R.make_diffusion(cfg, 'cpu')
+    torch.manual_seed(0)
+    model = build_model('mlp', (2,))
+    x0 = trainstep.local_batch(data, cfg, 3, 0, 1, 'cpu')
+    xr = trainstep.local_batch(data, cfg, 3, 0, 1, 'cpu', 'reg')
+    with pytest.raises(ValueError, match='second batch'):
+        trainstep.compute_loss(model, diff, x0, cfg, 3)
+    a = trainstep.compute_loss(model, diff, x0, cfg, 3, x_reg=xr)[1]['loss_reg']
+    b = trainstep.compute_loss(model, diff, x0, cfg, 3, x_reg=xr.flip(0) * 0 + xr[:1])[1]['loss_reg']
+    assert a != b   # the comparison set is x_reg: changing it changes the regulariser
+    h = trainstep.compute_loss(model, diff, x0, {**cfg, 'reg_halves': True}, 3)[1]['loss_reg']
+    assert math.isfinite(h) and h != a
+
+
+def test_checkpoint_without_reg_halves_resumes_as_halves(tmp_path):
+    run(tmp_path, '--reg', '--reg-L', '2', '--batch-size', '8', '--max-steps', '2')
+    path = tmp_path / 'ckpt.pt'
+    ck = torch.load(path, weights_only=True)
+    for key in ('reg_halves', 'reg_batch'):   # as written before the second batch existed
+        ck['config'].pop(key)
+    torch.save(ck, path)
+    assert R.load_checkpoint(str(tmp_path))[2]['reg_halves'] is True
+    run(tmp_path, '--resume', '--max-steps', '3')
+    assert load_ck(tmp_path)['config']['reg_halves'] is True

@@ -32,7 +32,7 @@ class Diffusion:
     posterior variance beta~_t = (1 - abar_{t-1}) / (1 - abar_t) * beta_t (DDPM's other choice).
     """
 
-    def __init__(self, T=1000, beta_1=1e-4, beta_T=0.02, sigma='beta', device='cpu'):
+    def __init__(self, T=1000, beta_1=1e-4, beta_T=0.02, sigma='beta', device='cpu', net_dtype='fp32'):
         if sigma not in ('beta', 'posterior'):
             raise ValueError(f"sigma must be 'beta' or 'posterior', got {sigma!r}")
         self.T, self.sigma_type = T, sigma
@@ -52,6 +52,9 @@ class Diffusion:
         self.sigma = var.sqrt().to(**f)
         self._abar64 = abar   # float64, for the respaced and DDIM-eta coefficients
         self.device = device
+        if net_dtype not in ('fp32', 'bf16'):
+            raise ValueError(f"net_dtype must be 'fp32' or 'bf16', got {net_dtype!r}")
+        self.net_dtype = net_dtype   # the network's arithmetic only: schedule and x updates stay fp32
 
     # ---- forward process -------------------------------------------------------------------
     def q_sample(self, x0, t, noise):
@@ -59,10 +62,15 @@ class Diffusion:
         return _at(self.sqrt_abar, t, x0) * x0 + _at(self.sqrt_1m_abar, t, x0) * noise
 
     def eps(self, model, x, t):
-        """eps_theta(x_t, t) for chain index t (int or (B,) in 1..T); the net sees t - 1."""
+        """eps_theta(x_t, t) for chain index t (int or (B,) in 1..T); the net sees t - 1. With
+        net_dtype 'bf16' the network runs under bf16 autocast and its output comes back as float32,
+        so that the chain's arithmetic, the losses and MMD stay in float32."""
         if isinstance(t, int):
             t = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        return model(x, t - 1)
+        if self.net_dtype == 'fp32':
+            return model(x, t - 1)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return model(x, t - 1).float()
 
     # ---- losses ----------------------------------------------------------------------------
     def loss_eps(self, model, x0, t, noise):

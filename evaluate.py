@@ -82,7 +82,7 @@ def load_runs(a, device):
         R.fail(f'{len(labels)} --labels for {len(a.ckpt)} --ckpt: give one per checkpoint')
     runs = []
     for ckpt, label in zip(a.ckpt, labels):
-        model, diff, cfg = R.load_checkpoint(ckpt, device, ema=True)
+        model, diff, cfg = R.load_checkpoint(ckpt, device, ema=True, dtype=R.sampling_dtype(a, a.quant != 'none'))
         chain = R.chain_kwargs(a, diff)
         runs.append((ckpt, label, model, diff, cfg, chain))
     return [(c, lab, quant.for_sampling(m, d, tuple(cfg['data_shape']), c, a.quant, a.quant_compensate,
@@ -155,7 +155,7 @@ def run_es_search(a):
     if a.n < 2 or a.m < 2 or not a.grid or min(a.grid) <= 0:
         R.fail('need --n, --m >= 2 and a --grid of scales > 0')
     device = start(a, '.json')
-    model, diff, cfg = R.load_checkpoint(a.ckpt, device, ema=True)
+    model, diff, cfg = R.load_checkpoint(a.ckpt, device, ema=True, dtype=R.sampling_dtype(a))
     R.chain_kwargs(a, diff)   # checks --steps / --eta
     if D.is_toy(cfg['dataset']):
         real, held = D.sample_toy(cfg['dataset'], a.m, torch.Generator().manual_seed(a.seed + 1)), 'fresh true samples'
@@ -220,7 +220,7 @@ def run_fid(a):
         x = F.load_samples(a.samples)
     device, rank, world = R.setup_device(a.device)
     if a.ckpt:
-        model, diff, cfg = R.load_checkpoint(a.ckpt, device, ema=True)
+        model, diff, cfg = R.load_checkpoint(a.ckpt, device, ema=True, dtype=R.sampling_dtype(a, a.quant != 'none'))
         if len(cfg['data_shape']) != 3:
             R.fail(f"{a.ckpt} models {cfg['dataset']} vectors; FID needs images (use `evaluate.py errprop`)")
         if classifier and not a.dataset and cfg['dataset'] != 'mnist':
@@ -294,7 +294,7 @@ def run_quanterr(a):
     if a.overhead_reps < 0:
         R.fail('--overhead-reps must be >= 0 (0: no timing)')
     device = start(a, '.json', '.png')
-    model, diff, cfg = R.load_checkpoint(a.ckpt, device)
+    model, diff, cfg = R.load_checkpoint(a.ckpt, device, dtype=R.sampling_dtype(a, quantised=True))
     shape, chain = tuple(cfg['data_shape']), R.chain_kwargs(a, diff)
     if D.is_toy(cfg['dataset']):   # fresh draws of the known distribution
         x0 = D.sample_toy(cfg['dataset'], a.n, torch.Generator().manual_seed(a.seed + 1))

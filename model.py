@@ -58,6 +58,16 @@ def cpu_has_native_bf16():
     except OSError:
         return False
 
+def resolve_dtype(dtype, device):
+    """'auto' -> 'bf16' where the hardware computes in bf16 natively (a CUDA GPU with bf16, a CPU
+    with AVX512-BF16 / AMX / Arm BF16), else 'fp32'; 'fp32' and 'bf16' pass through."""
+    if dtype != 'auto':
+        return dtype
+    if str(device).startswith('cuda'):
+        return 'bf16' if torch.cuda.is_bf16_supported() else 'fp32'
+    return 'bf16' if str(device) == 'cpu' and cpu_has_native_bf16() else 'fp32'
+
+
 # -----------------------------------------------------------------------------
 # U-Net (DDPM). PyTorch default init everywhere (DDPM zero-inits some output convs; not needed here).
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import data as D
 from diffusion import Diffusion
 from mmd import KERNELS
-from model import build_model, is_diffusers_folder, load_diffusers_unet
+from model import build_model, is_diffusers_folder, load_diffusers_unet, resolve_dtype
 
 
 def fail(msg):
@@ -39,7 +39,7 @@ CONFIG = dict(
     reg_batch=None, reg_halves=False,         # Algorithm 1's second batch (None: --batch-size); halves: released code
     synthetic=None, fresh_frac=1.0,           # recursive retraining (model collapse)
     batch_size=None, lr=None, warmup=None, grad_clip=1.0, ema_decay=None, max_steps=None,
-    seed=0, device='auto', dtype='fp32', compile=False, channels_last=False,
+    seed=0, device='auto', dtype='auto', compile=False, channels_last=False,
     out_dir=None, resume=False, init_from=None,
     log_every=None, sample_every=None, save_every=None, n_preview=None,
     preview_steps=None,                       # previews: respaced ancestral chain of S steps (None: T)
@@ -64,13 +64,13 @@ MNIST14_FLAGS = ['--model', 'tiny', '--image-size', '14', '--batch-size', '64', 
 CHOICES = dict(dataset=D.DATASETS, sigma=('beta', 'posterior'), loss=('eps', 'ip', 'sa'),
                reg_kernel=KERNELS, reg_stat=('mmd', 'mmd2'),
                reg_grad=('full', 'last'), reg_norm=('mean1', 'sum1'), reg_weight=('exp', 'uniform'),
-               dtype=('fp32', 'bf16'))
+               dtype=('auto', 'fp32', 'bf16'))
 NONE_TYPES = dict(image_size=int, model=str, dropout=float, beta_1=float, beta_T=float, reg_rho=float,
                   reg_steps=int, reg_batch=int, synthetic=str, batch_size=int, lr=float, warmup=int, ema_decay=float,
                   max_steps=int, out_dir=str, init_from=str, log_every=int, sample_every=int,
                   save_every=int, n_preview=int, preview_steps=int)
 # what a checkpoint written before a setting existed was trained with (a resumed run keeps it)
-LEGACY = dict(reg_halves=True)
+LEGACY = dict(reg_halves=True, dtype='fp32')
 # what a resumed run may change; everything else defines the run and is refused
 RESUMABLE = {'max_steps', 'log_every', 'save_every', 'sample_every', 'n_preview', 'preview_steps', 'device',
              'dtype', 'compile', 'channels_last', 'data_dir', 'out_dir', 'resume', 'lr', 'grad_clip'}
@@ -141,8 +141,9 @@ def model_overrides(cfg):
     return {} if cfg.get('dropout') is None else dict(dropout=cfg['dropout'])
 
 
-def make_diffusion(cfg, device='cpu'):
-    return Diffusion(cfg['T'], cfg['beta_1'], cfg['beta_T'], cfg['sigma'], device)
+def make_diffusion(cfg, device='cpu', dtype='fp32'):
+    """cfg's schedule on `device`; dtype (auto | fp32 | bf16): the network's arithmetic."""
+    return Diffusion(cfg['T'], cfg['beta_1'], cfg['beta_T'], cfg['sigma'], device, resolve_dtype(dtype, device))
 
 
 # ---- seeded random streams: the one way the project seeds randomness ---------------------------
@@ -346,9 +347,10 @@ def diffusers_config(name, shape):
     return cfg
 
 
-def load_checkpoint(path, device='cpu', ema=True):
+def load_checkpoint(path, device='cpu', ema=True, dtype='fp32'):
     """(model in eval mode, diffusion, config) from a run folder, a ckpt.pt, or a diffusers DDPM
-    folder. ema=True takes the EMA weights (what sampling and evaluation use)."""
+    folder. ema=True takes the EMA weights (what sampling and evaluation use); dtype: the network's
+    arithmetic when sampling (make_diffusion)."""
     if os.path.isdir(path) and is_diffusers_folder(path):
         state, name, shape = load_diffusers_unet(path)
         cfg = diffusers_config(name, shape)
@@ -370,7 +372,7 @@ def load_checkpoint(path, device='cpu', ema=True):
     if bad:
         raise ValueError(f'{path} holds non-finite weights ({bad[0]}, ...): the run diverged; '
                          f'use an earlier checkpoint or retrain with a lower --lr')
-    return model.to(device).eval(), make_diffusion(cfg, device), cfg
+    return model.to(device).eval(), make_diffusion(cfg, device, dtype), cfg
 
 
 def generate(model, diff, n, shape, sample_batch=256, seed=0, device='cpu', progress=False, **chain):
@@ -390,6 +392,8 @@ def generate(model, diff, n, shape, sample_batch=256, seed=0, device='cpu', prog
 # ---- sampling flags, one vocabulary for sample.py and evaluate.py ------------------------------
 def add_sampling_args(p, quant=True):
     """--sampler/--steps/--eta/--eps-scale(-k) and, with quant, the quantised-sampling flags."""
+    p.add_argument('--dtype', choices=('auto', 'fp32', 'bf16'), default='auto',
+                   help="the network's arithmetic (auto: bf16 where the hardware has it); the chain stays fp32")
     p.add_argument('--sampler', choices=('ddpm', 'ddim'), default='ddpm',
                    help='ddpm: ancestral (Eq. 16), respaced when --steps < T; ddim: DDIM with --eta')
     p.add_argument('--steps', type=int, help='sampling steps S (default: every step of the T-step chain)')
@@ -405,6 +409,13 @@ def add_sampling_args(p, quant=True):
                        help='apply the timestep-aware correction')
         p.add_argument('--calib-traj', type=int, help='calibration chains (default 4 x 64 toy, 2 x 16 images)')
         p.add_argument('--recalibrate', action='store_true', help='ignore a stored quant_<spec>.pt')
+
+
+def sampling_dtype(a, quantised=False):
+    """--dtype for load_checkpoint; fake-quantised networks (--quant, quanterr) compute in fp32."""
+    if quantised and a.dtype == 'bf16':
+        fail('--dtype bf16 does not go with quantised sampling (fake quantisation computes in fp32): use fp32 or auto')
+    return 'fp32' if quantised else a.dtype
 
 
 def chain_kwargs(a, diff):

@@ -48,7 +48,7 @@ def main(argv=None):
     if a.png_dir:
         R.check_writable(os.path.join(a.png_dir, 'x.png'))
     device, rank, world = R.setup_device(a.device)
-    model, diff, cfg = R.load_checkpoint(a.ckpt, device, ema=not a.no_ema)
+    model, diff, cfg = R.load_checkpoint(a.ckpt, device, ema=not a.no_ema, dtype=R.sampling_dtype(a, a.quant != 'none'))
     shape = tuple(cfg['data_shape'])
     if a.png_dir and len(shape) != 3:
         R.fail(f"--png-dir needs images; {a.ckpt} models {cfg['dataset']} vectors: use --npz or --grid")

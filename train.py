@@ -14,7 +14,6 @@ continues exactly and N ranks see the same global batch as one process.
 The training step itself (local_batch, compute_loss: the loss, optimizer_step) is trainstep.py's,
 which bench.py times as it is.
 """
-import contextlib
 import copy
 import json
 import os
@@ -25,7 +24,7 @@ import torch.distributed as dist
 
 import data as D
 import runtime as R
-from model import build_model, cpu_has_native_bf16, set_dropout_shard
+from model import build_model, cpu_has_native_bf16, resolve_dtype, set_dropout_shard
 from trainstep import compute_loss, local_batch, optimizer_step, reg_batch_size, set_lr, training_set
 
 
@@ -116,6 +115,7 @@ def main(argv=None):
     if cfg['batch_size'] % world:
         R.fail(f"--batch-size {cfg['batch_size']} must divide over {world} ranks")
     cfg, ck = start_or_resume(cfg, given)   # reads only: nothing is written before these checks pass
+    cfg['dtype'] = resolve_dtype(cfg['dtype'], device)   # auto -> what this machine runs (saved as such)
     if cfg['reg'] and cfg['reg_halves'] and cfg['batch_size'] // world < 4:
         R.fail(f"--reg-halves splits each rank's batch in two halves for MMD: use --batch-size >= {4 * world} "
                f'on {world} ranks')
@@ -127,15 +127,13 @@ def main(argv=None):
     if reg_batch_size(cfg) > len(data):
         R.fail(f'--reg-batch {reg_batch_size(cfg)} exceeds the {len(data)} training examples: lower --reg-batch')
     shape = D.data_shape(data)
-    diff = R.make_diffusion(cfg, device)
+    diff = R.make_diffusion(cfg, device, cfg['dtype'])   # the network in cfg's dtype, the rest fp32
     raw, ema, opt, step = build_state(cfg, shape, device, ck)
     set_dropout_shard(raw, rank, world)   # dropout masks of the global batch, sliced per rank
     model = torch.compile(raw) if cfg['compile'] else raw
     if dist.is_initialized():   # under torchrun, one rank included (that proves the DDP path too)
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.startswith('cuda') else None)
-    autocast = (torch.autocast(device.split(':')[0], dtype=torch.bfloat16)
-                if cfg['dtype'] == 'bf16' else contextlib.nullcontext())
     log = None
     if master:   # every check has passed: only now does the run folder change
         print(json.dumps(cfg, indent=1))
@@ -156,8 +154,7 @@ def main(argv=None):
         set_lr(opt, cfg, step)
         x0 = local_batch(data, cfg, step, rank, world, device)
         x_reg = local_batch(data, cfg, step, rank, world, device, 'reg') if reg_batch_size(cfg) else None
-        with autocast:
-            loss, stats = compute_loss(model, diff, x0, cfg, step, rank, world, x_reg=x_reg)
+        loss, stats = compute_loss(model, diff, x0, cfg, step, rank, world, x_reg=x_reg)
         gnorm = optimizer_step(loss, raw, opt, ema, cfg)
         first_bad = torch.where((first_bad < 0) & ~(torch.isfinite(loss.detach()) & torch.isfinite(gnorm)),
                                 step + 1, first_bad)
@@ -179,7 +176,7 @@ def main(argv=None):
                               step=step, config=cfg, data_shape=list(shape))
             saved_step = step
         if master and previews:
-            g = torch.Generator(device).manual_seed(cfg['seed'])   # fp32: no bf16 drift in the chain
+            g = torch.Generator(device).manual_seed(cfg['seed'])
             s = diff.sample(ema, (cfg['n_preview'], *shape), steps=cfg.get('preview_steps'), generator=g,
                             device=device)
             R.save_preview(s, D.to_model_space(data[:cfg['n_preview']]),

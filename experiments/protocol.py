@@ -60,6 +60,7 @@ METHODS = {   # name -> train.py flags, in the order of the tables
                      '--reg-weight', 'uniform'],   # close to the authors' released code (README)
 }
 TOY_SETS = ('8gaussians', 'swissroll')
+TOY_DTYPE = ['--dtype', 'fp32']   # how results/steps' toy models were trained, before --dtype auto
 
 
 def mnist_flags(a):
@@ -84,11 +85,12 @@ def job_list(a):
     def run(ds, regime, method, seed, steps, flags=(), deps=(), **extra):
         jobs.append(dict(name=f'steps_{ds}_{regime}_{method}_s{seed}', kind='steps', dataset=ds, regime=regime,
                          variant=f'{regime}_{method}', method=method, seed=seed, steps=steps, deps=list(deps),
-                         flags=REGIMES[regime] + METHODS[method.replace('_eqtime', '')] + list(flags), **extra))
+                         flags=REGIMES[regime] + METHODS[method.replace('_eqtime', '')] + list(flags)
+                         + (TOY_DTYPE if ds in TOY_SETS else []), **extra))
 
     for ds in TOY_SETS:
         jobs.append(dict(name=f'steps_timing_{ds}', kind='timing', dataset=ds, deps=[], timed={
-            m: METHODS[m] for m in ('vanilla', 'ip', 'sa', 'reg', 'reg_S20', 'reg_released')}))
+            m: METHODS[m] + TOY_DTYPE for m in ('vanilla', 'ip', 'sa', 'reg', 'reg_S20', 'reg_released')}))
     main = [('8gaussians', 'T1000', m) for m in ('vanilla', 'reg', 'ip', 'sa', 'reg_S20')]
     main += [('8gaussians', 'T50', m) for m in ('vanilla', 'reg', 'ip', 'sa')]
     more = [('8gaussians', 'T50', m) for m in ('reg_l0.5', 'reg_l0.8', 'reg_released')]

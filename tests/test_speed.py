@@ -118,3 +118,32 @@ def test_channels_last_state_dict_and_input_layouts():
 
 def test_cpu_has_native_bf16_is_bool():
     assert isinstance(cpu_has_native_bf16(), bool)
+
+
+# ---- --dtype: auto resolves to what the hardware runs; only the network leaves fp32 ----------------
+def test_resolve_dtype():
+    from model import resolve_dtype
+    assert resolve_dtype('fp32', 'cpu') == 'fp32' and resolve_dtype('bf16', 'cpu') == 'bf16'
+    assert resolve_dtype('auto', 'cpu') == ('bf16' if cpu_has_native_bf16() else 'fp32')
+    assert resolve_dtype('auto', 'mps') == 'fp32'
+
+
+def test_bf16_network_fp32_chain():
+    """net_dtype bf16: the network computes in bf16 (its output differs from fp32 by bf16 rounding,
+    not more), eps comes back float32, and the chain's state stays float32."""
+    from diffusion import Diffusion
+    torch.manual_seed(0)
+    net = build_model('tiny', (1, 8, 8)).eval()
+    d32, d16 = Diffusion(T=20), Diffusion(T=20, net_dtype='bf16')
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([1, 5, 10, 20])
+    with torch.no_grad():
+        e32, e16 = d32.eps(net, x, t), d16.eps(net, x, t)
+        assert e32.dtype == e16.dtype == torch.float32
+        rel = ((e16 - e32).norm() / e32.norm()).item()
+        assert 0 < rel < 0.05, rel   # bf16 really ran (not 0), and only rounding apart
+        seen = []
+        out = d16.sample(net, (2, 1, 8, 8), steps=5, generator=torch.Generator().manual_seed(0),
+                         callback=lambda t, x: seen.append(x.dtype))
+    assert out.dtype == torch.float32 and set(seen) == {torch.float32}
+    with pytest.raises(ValueError, match='net_dtype'):
+        Diffusion(T=20, net_dtype='fp16')

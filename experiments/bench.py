@@ -7,6 +7,7 @@ the regulariser's gradient against the eps-MSE gradient on a trained model.
     python -m experiments.bench --what methods --flags "--dataset 8gaussians" --variant vanilla= "ip=--loss ip"
     python -m experiments.bench --what reg-grad --ckpt out/8gaussians
     python -m experiments.bench --what compare --compare 06936f2 --model cifar10 --batch-size 8 --reps 5
+    python -m experiments.bench --what eval --ckpt out/8gaussians --reps 1 --json results/bench_eval.json
 
 Every timing runs train.py's own step (trainstep.local_batch, trainstep.compute_loss, then
 trainstep.optimizer_step: backward, clip, Adam, EMA), the module train.py runs it from.
@@ -21,6 +22,7 @@ against bf16, fp32 rows against TF32; --peak-tflops overrides).
 """
 import argparse
 import contextlib
+import glob
 import os
 import platform
 import shlex
@@ -37,7 +39,7 @@ from diffusion import Diffusion
 from experiments.benchlib import (count_flops, device_peak, image_config, import_tree, make_step,
                                   mem_peak_mb, mem_start, proc_field, random_images, sync, time_variants)
 from mmd import chunked, mmd2
-from model import build_model
+from model import build_model, resolve_dtype
 
 
 def bench_train(a, dev):
@@ -179,7 +181,7 @@ def bench_reg_grad(a, dev):
     on --ckpt's EMA model with its own settings plus --reg at the paper's values, over a.batches
     training batches: compute_loss once with lambda_reg = 0 and once with lambda_nll = 0, the same
     step index (so the same t, noise, r and k) in both."""
-    model, _, saved = R.load_checkpoint(a.ckpt, dev, ema=True)
+    model, _, saved = R.load_checkpoint(a.ckpt[0], dev, ema=True)
     cfg = {**saved, 'reg': True, 'reg_L': 5, 'reg_grad': 'full', 'warm_start': True}
     R.resolve_schedule(cfg)
     data, ps, rows = trainstep.training_set(cfg).to(dev), list(model.parameters()), []
@@ -195,7 +197,56 @@ def bench_reg_grad(a, dev):
     ratio = [r['ratio'] for r in rows]
     return dict(rows=rows, median_ratio=statistics.median(ratio), min_ratio=min(ratio), max_ratio=max(ratio),
                 what=f"|grad of {cfg['lambda_reg']} w_r L_reg| / |grad of {cfg['lambda_nll']} L_nll|, "
-                     f"{a.ckpt} EMA model, batch {cfg['batch_size']} (halves for the regulariser)")
+                     f"{a.ckpt[0]} EMA model, batch {cfg['batch_size']} (halves for the regulariser)")
+
+
+class CountCalls(torch.nn.Module):
+    """The network, counting the samples it is evaluated on (network evaluations)."""
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.n = net, 0
+
+    def forward(self, x, t):
+        self.n += len(x)
+        return self.net(x, t)
+
+
+def bench_eval(a, dev):
+    """--what eval: the step-count protocol's evaluation of each --ckpt (protocol.evaluate_steps with
+    experiments/reproduce.py's settings) with the network in fp32 (how results/steps was evaluated)
+    and in --dtype auto (the default), interleaved; the wall-time ratio, the network evaluations,
+    and per reported metric the largest difference beside the seed spread of results/steps."""
+    from experiments import protocol as P
+    rows = []
+    for ckpt in a.ckpt:
+        runs = {v: [] for v in ('fp32', 'auto')}
+        for rep in range(a.reps):
+            for v in (runs if rep % 2 == 0 else reversed(list(runs))):
+                model, diff, cfg = R.load_checkpoint(ckpt, dev, ema=True, dtype=v)
+                net, mnist = CountCalls(model), cfg['dataset'] == 'mnist'
+                t0 = time.perf_counter()
+                res = P.evaluate_steps(net, diff, cfg, n=256 if mnist else 1000, n_select=128 if mnist else 500,
+                                       chunk=250 if mnist else None, n_ref=P.N_REF)
+                runs[v].append(dict(s=time.perf_counter() - t0, evals=net.n, res=res, dtype=diff.net_dtype))
+        old, new = P.flat_metrics(runs['fp32'][0]['res']), P.flat_metrics(runs['auto'][0]['res'])
+        ref = glob.glob(os.path.join(P.RES, 'steps', f"steps_{cfg['dataset']}_T{cfg['T']}_{a.method}_s*.json"))
+        seeds = [P.flat_metrics(P.read_json(f)) for f in ref]
+        groups = {}
+        for key in old:
+            spread = statistics.stdev([s[key] for s in seeds if key in s]) if len(seeds) > 1 else float('nan')
+            g = groups.setdefault(key[0], dict(max_abs_diff=0.0, at=None, seed_std_there=None, n=0, n_beyond_2std=0))
+            d = abs(new[key] - old[key])
+            g['n'] += 1
+            g['n_beyond_2std'] += d > 2 * spread
+            if d >= g['max_abs_diff']:
+                g.update(max_abs_diff=d, at=str(key[1:]), seed_std_there=spread)
+        t_old, t_new = [r['s'] for r in runs['fp32']], [r['s'] for r in runs['auto']]
+        rows.append(dict(ckpt=ckpt, dataset=cfg['dataset'], T=cfg['T'], default_dtype=runs['auto'][0]['dtype'],
+                         fp32_s=statistics.median(t_old), default_s=statistics.median(t_new),
+                         speedup=statistics.median(o / n for o, n in zip(t_old, t_new)),
+                         fp32_net_evals=runs['fp32'][0]['evals'], default_net_evals=runs['auto'][0]['evals'],
+                         seed_spread_from=f'{len(seeds)} seeds of results/steps ({a.method})', metrics=groups))
+    return rows
 
 
 def show(title, rows):
@@ -209,7 +260,7 @@ def show(title, rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--what', default='all', choices=('train', 'reg', 'errprop', 'methods', 'reg-grad', 'compare', 'all'),
+    p.add_argument('--what', default='all', choices=('train', 'reg', 'errprop', 'methods', 'reg-grad', 'compare', 'eval', 'all'),
                    help='all = train, reg and errprop')
     p.add_argument('--model', nargs='+', help='train: these configs (default small cifar10); '
                    'reg, errprop: the first one (default small on CPU, cifar10 on GPU)')
@@ -220,7 +271,8 @@ def main(argv=None):
                                             'GPU 5, CPU 3 (errprop: GPU 3, CPU 1)')
     p.add_argument('--device', default='auto')
     p.add_argument('--threads', type=int, help="torch.set_num_threads (default: torch's own choice)")
-    p.add_argument('--dtype', nargs='+', choices=('fp32', 'bf16'), help='default GPU fp32 bf16, CPU fp32')
+    p.add_argument('--dtype', nargs='+', choices=('fp32', 'bf16', 'auto'),
+                   help='default GPU fp32 bf16, CPU fp32 auto (auto: what train.py runs by default here)')
     p.add_argument('--compile', action=argparse.BooleanOptionalAction, help='default: on for GPU')
     p.add_argument('--channels-last', action='store_true', help='train, reg, compare: channels_last U-Net (train.py --channels-last)')
     p.add_argument('--reg-L', type=int, nargs='+', default=[1, 3, 5, 7, 9])
@@ -230,7 +282,8 @@ def main(argv=None):
     p.add_argument('--variant', nargs='+', default=[], help='methods: NAME=FLAGS (the first is the reference)')
     p.add_argument('--compare', metavar='REF', help="compare: this tree's training step against git ref "
                    'REF (e.g. 06936f2, HEAD), interleaved; --channels-last applies to REF only if it has it')
-    p.add_argument('--ckpt', help='reg-grad: the trained run')
+    p.add_argument('--ckpt', nargs='+', help='reg-grad: the trained run; eval: one or more runs')
+    p.add_argument('--method', default='vanilla', help="eval: results/steps' method whose seeds give the spread")
     p.add_argument('--batches', type=int, default=12, help='reg-grad: training batches')
     p.add_argument('--n', type=int, default=1000, help='errprop: N = M samples')
     p.add_argument('--chunk', type=int, help='errprop: network batch size (default: all N at once)')
@@ -246,7 +299,7 @@ def main(argv=None):
     a.gpu = dev.startswith('cuda')
     a.iters = a.iters or (20 if a.gpu else 2)
     a.warmup = (3 if a.gpu else 1) if a.warmup is None else a.warmup
-    a.dtype = a.dtype or (['fp32', 'bf16'] if a.gpu else ['fp32'])
+    a.dtype = list(dict.fromkeys(resolve_dtype(d, dev) for d in a.dtype or (['fp32', 'bf16'] if a.gpu else ['fp32', 'auto'])))
     a.compile = a.gpu if a.compile is None else a.compile
     a.reps = a.reps or ((3 if a.gpu else 1) if a.what == 'errprop' else (5 if a.gpu else 3))
     if a.peak_tflops and (len(a.peak_tflops) > 2 or min(a.peak_tflops) <= 0):
@@ -257,8 +310,10 @@ def main(argv=None):
         R.fail('--what methods needs --variant NAME=FLAGS (one or more)')
     if (a.what == 'compare') != bool(a.compare):
         R.fail('--what compare and --compare REF go together')
-    if a.what == 'reg-grad' and not a.ckpt:
-        R.fail('--what reg-grad needs --ckpt RUN')
+    if a.what == 'reg-grad' and len(a.ckpt or []) != 1:
+        R.fail('--what reg-grad needs --ckpt RUN (one)')
+    if a.what == 'eval' and not a.ckpt:
+        R.fail('--what eval needs --ckpt RUN [RUN ...]')
     if a.json:
         R.check_writable(a.json)
     try:
@@ -303,6 +358,13 @@ def main(argv=None):
         r = out['reg_grad']
         print(f"{r['what']}: median {r['median_ratio']:.3f} (range {r['min_ratio']:.3f}-{r['max_ratio']:.3f}, "
               f'{a.batches} batches)')
+    if a.what == 'eval':
+        out['eval'] = bench_eval(a, dev)
+        for r in out['eval']:
+            print(f"eval {r['ckpt']}: fp32 {r['fp32_s']:.1f} s, default ({r['default_dtype']}) {r['default_s']:.1f} s: "
+                  f"{r['speedup']:.2f}x; network evaluations {r['fp32_net_evals']:,} vs {r['default_net_evals']:,}")
+            show(f"largest |default - fp32| per metric, beside the seed spread ({r['seed_spread_from']})",
+                 [dict(metric=k, **v) for k, v in r['metrics'].items()])
     if a.json:
         R.write_json(a.json, out)
 

@@ -73,8 +73,8 @@ def read_json(path):
 
 
 def result_path(name):
-    """The file whose existence means job `name` is done."""
-    return os.path.join(RES, 'steps', name + '.json')
+    """The file whose existence means job `name` is done (dtype_*: results/dtype/, beside the tables)."""
+    return os.path.join(RES, 'dtype' if name.startswith('dtype_') else 'steps', name + '.json')
 
 
 def job_list(a):
@@ -108,6 +108,14 @@ def job_list(a):
             for seed in a.seeds:
                 for ds2, rg, m in second:
                     run(ds2, rg, m, seed, a.max_steps)
+    if getattr(a, 'dtype_check', False):   # --dtype auto's proof: vanilla toy models trained and evaluated
+        for ds in TOY_SETS:                  # in bf16, paired by seed with the fp32 runs above
+            for rg in REGIMES:
+                for seed in a.seeds:
+                    jobs.append(dict(name=f'dtype_{ds}_{rg}_vanilla_bf16_s{seed}', kind='steps', dataset=ds,
+                                     regime=rg, variant=f'{rg}_vanilla', method='vanilla', seed=seed,
+                                     steps=a.max_steps, deps=[], eval_dtype='bf16',
+                                     flags=REGIMES[rg] + ['--dtype', 'bf16'], pair=f'steps_{ds}_{rg}_vanilla_s{seed}'))
     if a.mnist:   # T = 50 first: where the toy sets show the regulariser doing something
         fl = mnist_flags(a) + ['--dtype', 'bf16']   # bf16 trains as well as fp32 (results/paper1000/runs/mnist_dtype_*)
         for group in ((('T50', 'vanilla'), ('T50', 'reg')), (('T50', 'ip'), ('T50', 'sa'))):
@@ -239,3 +247,49 @@ def reg_floor(cfg, draws=200, device='cpu'):
         stat = mmd if cfg['reg_stat'] == 'mmd' else mmd2   # as consistency_reg (estimator 'v')
         vals.append(float(stat(xa, xb, cfg['reg_kernel'], 'v')))
     return dict(mean=float(np.mean(vals)), std=float(np.std(vals)), draws=draws)
+
+
+def flat_metrics(res):
+    """{(group, where): value} of every metric evaluate_steps reports: the final metric rows (plain
+    and +ES, and the chosen scale), D_MMD(t) per kernel, and A(t)."""
+    out = {}
+    for r in res['rows']:
+        for k in ('mmd', 'fd', 'kid', 'mmd_es', 'fd_es', 'kid_es', 'es_scale'):
+            if r.get(k) is not None:
+                out[(k, r['sampler'], r['steps'])] = r[k]
+    for S, c in res.get('curves', {}).items():
+        for kern in ('gaussian', 'laplace'):
+            out.update({(f'D_MMD_{kern}', int(S), i): v for i, v in enumerate(c[kern])})
+    for S, ft in res.get('faulttol', {}).items():
+        for f, v in ft.items():
+            out.update({('A', int(S), float(f), i): x for i, x in enumerate(v['amp'])})
+    return out
+
+
+def dtype_summary():
+    """results/dtype_toy.json: per data set and regime, the bf16 runs (--dtype-check) against the
+    fp32 runs of the same seed: per reported metric the largest |mean paired difference| over its
+    cells, the fp32 seed std there, and how many cells' mean difference exceeds 2 standard errors."""
+    out = {}
+    for f in sorted(os.listdir(os.path.join(RES, 'dtype'))):
+        r = read_json(os.path.join(RES, 'dtype', f))
+        pair = result_path(r['job']['pair'])
+        if os.path.isfile(pair):
+            key = f"{r['job']['dataset']}_{r['job']['regime']}"
+            out.setdefault(key, []).append((flat_metrics(r), flat_metrics(read_json(pair))))
+    summary = {}
+    for key, pairs in out.items():
+        groups = {}
+        for cell in pairs[0][1]:
+            d = np.array([b[cell] - a[cell] for b, a in pairs if cell in b])
+            if len(d) < 2:
+                continue
+            se, std32 = d.std(ddof=1) / np.sqrt(len(d)), float(np.std([a[cell] for _, a in pairs], ddof=1))
+            g = groups.setdefault(cell[0], dict(cells=0, beyond_2se=0, max_abs_mean_diff=0.0))
+            g['cells'] += 1
+            g['beyond_2se'] += int(abs(d.mean()) > 2 * se)
+            if abs(d.mean()) >= g['max_abs_mean_diff']:
+                g.update(max_abs_mean_diff=float(abs(d.mean())), at=str(cell[1:]), fp32_seed_std_there=std32)
+        summary[key] = dict(seeds=len(pairs), metrics=groups)
+    R.write_json(os.path.join(RES, 'dtype_toy.json'), summary)
+    return summary

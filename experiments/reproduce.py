@@ -92,8 +92,8 @@ def job_steps(a, job):
     """Train, then evaluate over S; --reg runs also get their regulariser's perfect-model floor,
     seed 0 the regulariser's gradient fraction."""
     out, res = train_job(job, a)
-    model, diff, cfg = R.load_checkpoint(out, 'cpu', ema=True)
-    res['config'] = cfg
+    model, diff, cfg = R.load_checkpoint(out, 'cpu', ema=True, dtype=job.get('eval_dtype', 'fp32'))
+    res['config'], res['eval_dtype'] = cfg, diff.net_dtype
     t0 = time.time()
     mnist = job['dataset'] == 'mnist'
     res.update(P.evaluate_steps(model, diff, cfg, n=a.mnist_n if mnist else a.n_true,
@@ -194,6 +194,8 @@ def main():
     p.add_argument('--mnist-max-steps', type=int, default=2000)
     p.add_argument('--mnist-lr', type=float, default=5e-4)
     p.add_argument('--mnist-n', type=int, default=256, help='MNIST: samples per evaluation')
+    p.add_argument('--dtype-check', action='store_true', help='also vanilla toy runs trained and evaluated in bf16 '
+                   '(results/dtype/), paired by seed with the fp32 ones: what --dtype auto changes')
     p.add_argument('--report', action='store_true', help='only aggregate and plot what exists')
     p.add_argument('--job', help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -206,6 +208,11 @@ def main():
         if job is None:
             R.fail(f'no job {a.job}')
         dict(timing=job_timing, steps=job_steps)[job['kind']](a, job)
+        return
+    if a.dtype_check:   # only the bf16 pairs: the step-count tables stay as they are
+        a.only = ['dtype_']
+        schedule(a)
+        print(json.dumps(P.dtype_summary(), indent=1))
         return
     from experiments.report import report_steps   # matplotlib only where a report is drawn
     if not a.report:

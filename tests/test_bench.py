@@ -22,7 +22,7 @@ def in_git_checkout():
 def test_compare_head_with_working_tree(tmp_path):
     out = tmp_path / 'cmp.json'
     cmd = [sys.executable, '-m', 'experiments.bench', '--what', 'compare', '--compare', 'HEAD', '--model', 'tiny',
-           '--batch-size', '4', '--iters', '1', '--reps', '1', '--warmup', '0', '--threads', '1',
+           '--batch-size', '4', '--dtype', 'fp32', '--iters', '1', '--reps', '1', '--warmup', '0', '--threads', '1',
            '--json', str(out)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

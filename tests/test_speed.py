@@ -147,3 +147,17 @@ def test_bf16_network_fp32_chain():
     assert out.dtype == torch.float32 and set(seen) == {torch.float32}
     with pytest.raises(ValueError, match='net_dtype'):
         Diffusion(T=20, net_dtype='fp16')
+
+
+def test_fault_tolerance_runs_the_network_in_fp32():
+    """A(t) is a difference of two chains, which bf16 rounding would floor: fault_tolerance gives
+    exactly the fp32 answer under a bf16 Diffusion, and leaves the Diffusion's dtype as it was."""
+    from diffusion import Diffusion
+    from mmd import fault_tolerance
+    torch.manual_seed(0)
+    net = build_model('tiny', (1, 8, 8)).eval()
+    d32, d16 = Diffusion(T=20), Diffusion(T=20, net_dtype='bf16')
+    x_T = torch.randn(8, 1, 8, 8)
+    ref, got = (fault_tolerance(net, d, x_T, 12, 0.01, steps=5, noise_seed=3) for d in (d32, d16))
+    assert got['amp'] == ref['amp'] and got['gap'] == ref['gap']
+    assert d16.net_dtype == 'bf16'

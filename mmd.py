@@ -239,7 +239,7 @@ def _mean_std(x):
 @torch.no_grad()
 def errprop_curve(model, diff, x0_real, n=1000, kernels=('gaussian', 'laplace', 'imq'),
                   estimator='u', t_stride=None, generator=None, batch_size=None, progress=None,
-                  device='cpu', sampler='ddpm', steps=None, eta=0.0, eps_scale=None):
+                  device='cpu', sampler='ddpm', steps=None, eta=0.0, eps_scale=None, return_samples=False):
     """D_MMD(t) between the backward marginal p_theta(x_t) and the forward q(x_t) at the indices
     the chain visits (sampler / steps / eta / eps_scale as in Diffusion.sample_chain).
 
@@ -249,6 +249,7 @@ def errprop_curve(model, diff, x0_real, n=1000, kernels=('gaussian', 'laplace', 
     sqrt(1 - abar_t) eps drawn afresh (Eq. 1). Computed on the fly: only the current state of the
     chain is kept. batch_size chunks the network calls (memory).
     Returns {'t': [...], kernel: [value per t], 'delta', 'std', 'std_q'}: MMD values (not squared);
+    return_samples: (that dict, the chain's n final samples x_0), so that one chain also scores S;
     with estimator 'u' a negative MMD^2 estimate is reported as -sqrt(|MMD^2|) so that the
     estimator's noise around 0 stays visible instead of being clipped.
 
@@ -286,8 +287,8 @@ def errprop_curve(model, diff, x0_real, n=1000, kernels=('gaussian', 'laplace', 
             progress(t)
 
     x = torch.randn((n, *x0_real.shape[1:]), generator=generator, device=device)
-    diff.sample_chain(net, x, diff.T, 0, sampler, steps, generator, measure, eta, eps_scale)
-    return out
+    x = diff.sample_chain(net, x, diff.T, 0, sampler, steps, generator, measure, eta, eps_scale)
+    return (out, x) if return_samples else out
 
 
 # ---- Theorem 4.1 tested directly: does the chain remove an error it receives? ------------------
@@ -298,9 +299,9 @@ def fault_tolerance(model, diff, x_T, t0, delta, mode='iso', sampler='ddpm', ste
                     device='cpu'):
     """Follow the gap between two chains that differ only by a perturbation injected at t0.
 
-    Both chains start from the same x_T (n, ...) and share the noise z of every step: they run as
-    one batch of 2n through sample_chain, with a noise callable that draws n and repeats it. When
-    the chain reaches the visited index t0, the second copy gets x_t0 + e with RMS(e) = delta:
+    Both chains start from the same x_T (n, ...) and share the noise z of every step: one chain of
+    n runs through sample_chain, and when it reaches the visited index t0 a perturbed copy
+    x_t0 + e with RMS(e) = delta joins the batch (a noise callable draws n and repeats it):
       'iso'  : e isotropic Gaussian (its own generator, seed noise_seed + 1);
       'model': e along the model's own eps_theta(x_t0, t0) (per sample, scaled to RMS delta over
                the batch). This is the direction of the error that epsilon scaling (ADM-ES)
@@ -309,59 +310,64 @@ def fault_tolerance(model, diff, x_T, t0, delta, mode='iso', sampler='ddpm', ste
     At every visited t <= t0 it records gap(t) = RMS of (second - first), the amplification
     A(t) = gap(t) / gap(t0) (Theorem 4.1: a chain that removes errors has A < 1), and D_MMD between
     the perturbed and unperturbed sets (signed sqrt of the unbiased MMD^2, as errprop_curve).
-    Returns dict(t, gap, amp, mmd={kernel: [...]}, and the settings).
+    t0 may be a list: every t0 gets its own copy, forked from the one shared unperturbed chain
+    (the same numbers as separate calls, for n (T + sum_t0 t0) network rows instead of
+    2 n T per call). Returns dict(t, gap, amp, mmd={kernel: [...]}, and the settings), or for a
+    list of t0 the list of those dicts.
     """
     if delta < 0:
         raise ValueError(f'delta is the RMS of the perturbation: must be >= 0, got {delta}')
     if mode not in ('iso', 'model'):
         raise ValueError(f"mode must be 'iso' or 'model', got {mode!r}")
     ts = diff.times(diff.T, 0, steps)
-    if t0 not in ts or (mode == 'model' and t0 == 0):
-        raise ValueError(f't0={t0} is not visited by this chain; pick one of its indices '
-                         f'{ts[:3]} ... {ts[-3:]} (times(T, 0, steps={steps}); t0 >= 1 for mode "model")')
+    many = isinstance(t0, (list, tuple))
+    t0s = list(t0) if many else [t0]
+    for t in t0s:
+        if t not in ts or (mode == 'model' and t == 0):
+            raise ValueError(f't0={t} is not visited by this chain; pick one of its indices '
+                             f'{ts[:3]} ... {ts[-3:]} (times(T, 0, steps={steps}); t0 >= 1 for mode "model")')
     x_T = x_T.to(device)
     n = len(x_T)
     g = torch.Generator(device=device).manual_seed(noise_seed)
     net = chunked(model, batch_size) if batch_size else model
 
-    def noise(shape):   # the same z for both copies
+    def noise(shape):   # the same z for every copy
         z = torch.randn((n, *shape[1:]), generator=g, device=device)
-        return torch.cat([z, z])
+        return torch.cat([z] * (shape[0] // n))
 
-    out = dict(t=[], gap=[], amp=[], mmd={k: [] for k in kernels}, t0=t0, delta=delta, mode=mode,
-               sampler=sampler, steps=steps, eta=eta, n=n)
+    outs = {t: dict(t=[], gap=[], amp=[], mmd={k: [] for k in kernels}, t0=t, delta=delta, mode=mode,
+                    sampler=sampler, steps=steps, eta=eta, n=n) for t in t0s}
+    forks = []   # the t0 of each perturbed copy, in the order of its rows after the first n
 
     def step(t, x):
-        if t > t0:
-            return None
-        a, b = x[:n], x[n:]
-        if t == t0:
+        a = x[:n]
+        if t in outs:
             if mode == 'iso':
                 gi = torch.Generator(device=device).manual_seed(noise_seed + 1)
                 e = torch.randn(a.shape, generator=gi, device=device)
             else:   # (a scale lambda would not change the direction)
                 e = diff.eps(net, a, t)
-            e = e * (delta / e.float().pow(2).mean().sqrt().clamp(min=1e-30))
-            b = a + e
-            x = torch.cat([a, b])
-        gap = (b - a).float().pow(2).mean().sqrt().item()
-        out['t'].append(t)
-        out['gap'].append(gap)
-        out['amp'].append(gap / out['gap'][0] if out['gap'][0] > 0 else float('nan'))
-        for k, v in mmd2_many(a, b, kernels, 'u').items():
-            out['mmd'][k].append(signed_sqrt(v.item()))
+            x = torch.cat([x, a + e * (delta / e.float().pow(2).mean().sqrt().clamp(min=1e-30))])
+            forks.append(t)
+        for i, t_fork in enumerate(forks):
+            out, b = outs[t_fork], x[n * (i + 1):n * (i + 2)]
+            out['t'].append(t)
+            out['gap'].append((b - a).float().pow(2).mean().sqrt().item())
+            out['amp'].append(out['gap'][-1] / out['gap'][0] if out['gap'][0] > 0 else float('nan'))
+            for k, v in mmd2_many(a, b, kernels, 'u').items():
+                out['mmd'][k].append(signed_sqrt(v.item()))
         return x
 
     # A difference of two chains: with a bf16 network each copy's eps carries its own rounding
     # (~4e-3 relative) that does not cancel in b - a and floors the gap (measured: A(t) moves by up
     # to 0.017, 10x the seed spread, results/dtype_toy.json), so the network runs in fp32 here.
-    x, dtype = torch.cat([x_T, x_T]), diff.net_dtype
+    dtype = diff.net_dtype
     try:
         diff.net_dtype = 'fp32'
-        diff.sample_chain(net, x, diff.T, 0, sampler, steps, noise, step, eta, eps_scale)
+        diff.sample_chain(net, x_T, diff.T, 0, sampler, steps, noise, step, eta, eps_scale)
     finally:
         diff.net_dtype = dtype
-    return out
+    return [outs[t] for t in t0s] if many else outs[t0]
 
 
 def chunked(model, batch_size):

@@ -213,39 +213,44 @@ class CountCalls(torch.nn.Module):
 
 def bench_eval(a, dev):
     """--what eval: the step-count protocol's evaluation of each --ckpt (protocol.evaluate_steps with
-    experiments/reproduce.py's settings) with the network in fp32 (how results/steps was evaluated)
-    and in --dtype auto (the default), interleaved; the wall-time ratio, the network evaluations,
-    and per reported metric the largest difference beside the seed spread of results/steps."""
+    experiments/reproduce.py's settings) as results/steps was evaluated (fp32 network, the whole ES
+    grid, separate chains), in fp32 with the fast evaluation, and in the default (--dtype auto,
+    fast), interleaved; per variant the wall time and network evaluations, the speed-up over the
+    first, and per reported metric the largest difference to the first beside the seed spread of
+    results/steps (--method's runs of the checkpoint's data set and T)."""
     from experiments import protocol as P
+    variants = dict(grid_fp32=('fp32', False), fast_fp32=('fp32', True), fast_default=('auto', True))
     rows = []
     for ckpt in a.ckpt:
-        runs = {v: [] for v in ('fp32', 'auto')}
+        runs = {v: [] for v in variants}
         for rep in range(a.reps):
-            for v in (runs if rep % 2 == 0 else reversed(list(runs))):
-                model, diff, cfg = R.load_checkpoint(ckpt, dev, ema=True, dtype=v)
+            for v in (list(runs) if rep % 2 == 0 else reversed(list(runs))):
+                model, diff, cfg = R.load_checkpoint(ckpt, dev, ema=True, dtype=variants[v][0])
                 net, mnist = CountCalls(model), cfg['dataset'] == 'mnist'
                 t0 = time.perf_counter()
                 res = P.evaluate_steps(net, diff, cfg, n=256 if mnist else 1000, n_select=128 if mnist else 500,
-                                       chunk=250 if mnist else None, n_ref=P.N_REF)
+                                       chunk=250 if mnist else None, n_ref=P.N_REF, fast=variants[v][1])
                 runs[v].append(dict(s=time.perf_counter() - t0, evals=net.n, res=res, dtype=diff.net_dtype))
-        old, new = P.flat_metrics(runs['fp32'][0]['res']), P.flat_metrics(runs['auto'][0]['res'])
         ref = glob.glob(os.path.join(P.RES, 'steps', f"steps_{cfg['dataset']}_T{cfg['T']}_{a.method}_s*.json"))
         seeds = [P.flat_metrics(P.read_json(f)) for f in ref]
-        groups = {}
-        for key in old:
-            spread = statistics.stdev([s[key] for s in seeds if key in s]) if len(seeds) > 1 else float('nan')
-            g = groups.setdefault(key[0], dict(max_abs_diff=0.0, at=None, seed_std_there=None, n=0, n_beyond_2std=0))
-            d = abs(new[key] - old[key])
-            g['n'] += 1
-            g['n_beyond_2std'] += d > 2 * spread
-            if d >= g['max_abs_diff']:
-                g.update(max_abs_diff=d, at=str(key[1:]), seed_std_there=spread)
-        t_old, t_new = [r['s'] for r in runs['fp32']], [r['s'] for r in runs['auto']]
-        rows.append(dict(ckpt=ckpt, dataset=cfg['dataset'], T=cfg['T'], default_dtype=runs['auto'][0]['dtype'],
-                         fp32_s=statistics.median(t_old), default_s=statistics.median(t_new),
-                         speedup=statistics.median(o / n for o, n in zip(t_old, t_new)),
-                         fp32_net_evals=runs['fp32'][0]['evals'], default_net_evals=runs['auto'][0]['evals'],
-                         seed_spread_from=f'{len(seeds)} seeds of results/steps ({a.method})', metrics=groups))
+        old = P.flat_metrics(runs['grid_fp32'][0]['res'])
+        row = dict(ckpt=ckpt, dataset=cfg['dataset'], T=cfg['T'],
+                   seed_spread_from=f'{len(seeds)} seeds of results/steps ({a.method})')
+        for v in variants:
+            t = [r['s'] for r in runs[v]]
+            new, groups = P.flat_metrics(runs[v][0]['res']), {}
+            for key in old:
+                spread = statistics.stdev([s[key] for s in seeds if key in s]) if len(seeds) > 1 else float('nan')
+                g = groups.setdefault(key[0], dict(max_abs_diff=0.0, at=None, seed_std_there=None, n=0, n_beyond_2std=0))
+                d = abs(new[key] - old[key])
+                g['n'] += 1
+                g['n_beyond_2std'] += d > 2 * spread
+                if d >= g['max_abs_diff']:
+                    g.update(max_abs_diff=d, at=str(key[1:]), seed_std_there=spread)
+            row[v] = dict(dtype=runs[v][0]['dtype'], s=statistics.median(t), net_evals=runs[v][0]['evals'],
+                          speedup=statistics.median(o['s'] / r['s'] for o, r in zip(runs['grid_fp32'], runs[v])),
+                          metrics=groups)
+        rows.append(row)
     return rows
 
 
@@ -361,10 +366,13 @@ def main(argv=None):
     if a.what == 'eval':
         out['eval'] = bench_eval(a, dev)
         for r in out['eval']:
-            print(f"eval {r['ckpt']}: fp32 {r['fp32_s']:.1f} s, default ({r['default_dtype']}) {r['default_s']:.1f} s: "
-                  f"{r['speedup']:.2f}x; network evaluations {r['fp32_net_evals']:,} vs {r['default_net_evals']:,}")
-            show(f"largest |default - fp32| per metric, beside the seed spread ({r['seed_spread_from']})",
-                 [dict(metric=k, **v) for k, v in r['metrics'].items()])
+            print(f"\neval {r['ckpt']} ({r['dataset']}, T = {r['T']}):")
+            for v in ('grid_fp32', 'fast_fp32', 'fast_default'):
+                print(f"  {v:12s} ({r[v]['dtype']}): {r[v]['s']:7.1f} s, {r[v]['net_evals']:>10,} network rows, "
+                      f"{r[v]['speedup']:.2f}x")
+            for v in ('fast_fp32', 'fast_default'):
+                show(f"{v}: largest |difference to grid_fp32| per metric, beside the seed spread ({r['seed_spread_from']})",
+                     [dict(metric=k, **g) for k, g in r[v]['metrics'].items()])
     if a.json:
         R.write_json(a.json, out)
 

@@ -179,6 +179,21 @@ def test_fault_tolerance_exact_model_shrinks_the_gap_and_mmd_sees_large_shifts()
     assert all(g == 0 for g in zero_gap['gap'])
 
 
+@pytest.mark.parametrize('mode', ['iso', 'model'])
+def test_fault_tolerance_forks_from_one_chain_equal_separate_runs(mode):
+    """A list of t0: every perturbed copy forks from the one unperturbed chain and gets the
+    numbers of its own call (same x_T, z and e), in the order given."""
+    d = Diffusion(100)
+    x_T = torch.randn(50, 3, generator=gen(7))
+    t0s = [10, 90, 50]
+    many = fault_tolerance(stub, d, x_T, t0s, 0.1, mode=mode, steps=20, noise_seed=4, kernels=('gaussian',))
+    for t0, got in zip(t0s, many):
+        one = fault_tolerance(stub, d, x_T, t0, 0.1, mode=mode, steps=20, noise_seed=4, kernels=('gaussian',))
+        assert got['t0'] == t0 and got['t'] == one['t']
+        assert np.allclose(got['gap'], one['gap'], rtol=1e-5) and np.allclose(got['amp'], one['amp'], rtol=1e-5)
+        assert np.allclose(got['mmd']['gaussian'], one['mmd']['gaussian'], rtol=1e-4, atol=1e-6)
+
+
 def test_errprop_exact_model_stays_at_estimator_floor():
     """Data N(0, I), sigma^2 = beta': the exact eps is sqrt(1 - abar_t) x_t, an ancestral step maps
     x -> sqrt(alpha') x + sqrt(beta') z and keeps N(0, I) exactly, also respaced. So D_MMD(t) must

@@ -54,3 +54,35 @@ def test_step_count_protocol_runs_reports_and_resumes(tmp_path):
     assert (res / 'steps_final_8gaussians.png').is_file() and (res / 'steps_curves_8gaussians.png').is_file()
     again = run(tmp_path, *TINY)
     assert again.returncode == 0 and '2 jobs, 0 to run' in again.stdout and 'report kept' in again.stdout
+
+
+def test_es_search_finds_the_argmin_of_unimodal_scores_with_fewer_scores():
+    from experiments.protocol import ES_GRID, es_search
+    for k, peak in enumerate(ES_GRID):   # every position of the minimum, and a tie-free V shape
+        calls = []
+        best, seen = es_search(lambda b: calls.append(b) or abs(ES_GRID.index(b) - k), ES_GRID)
+        assert best == peak and 1.0 in seen and len(calls) == len(seen) == len(set(calls)) <= 6
+
+
+def test_fast_evaluation_equals_the_grid_where_it_shares_nothing(tmp_path):
+    """evaluate_steps fast vs grid on a T = 50 model (no S above es_max_steps to share): the same
+    plain rows and curves, A(t) from forked chains equal to separate pairs, the ES scores it
+    visits equal to the grid's, its pick the best of them."""
+    import runtime as R
+    from experiments.protocol import evaluate_steps
+    p = subprocess.run([sys.executable, 'train.py', '--dataset', '8gaussians', '--T', '50', '--max-steps', '3',
+                        '--out-dir', str(tmp_path / 'run'), '--dtype', 'fp32', '--sample-every', '0'],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    model, diff, cfg = R.load_checkpoint(str(tmp_path / 'run'), 'cpu', ema=True)
+    grid, fast = (evaluate_steps(model, diff, cfg, n=64, n_select=32, n_ref=128, fast=f) for f in (False, True))
+    assert (grid['eval'], fast['eval']) == ('grid', 'fast')
+    for g, f in zip(grid['rows'], fast['rows']):
+        assert (g['sampler'], g['steps'], g['mmd']) == (f['sampler'], f['steps'], f['mmd'])
+        visited = [(a, b) for a, b in zip(g['es_grid'], f['es_grid']) if b is not None]
+        assert len(visited) < len(g['es_grid']) and all(a == b for a, b in visited)
+        assert f['es_grid'][grid['es_grid'].index(f['es_scale'])] == min(b for _, b in visited)
+    assert grid['curves'] == fast['curves']
+    for frac, ft in grid['faulttol'][20].items():
+        assert ft['t'] == fast['faulttol'][20][frac]['t']
+        assert all(abs(a - b) < 1e-5 for a, b in zip(ft['amp'], fast['faulttol'][20][frac]['amp']))

@@ -8,6 +8,7 @@ the regulariser's gradient against the eps-MSE gradient on a trained model.
     python -m experiments.bench --what reg-grad --ckpt out/8gaussians
     python -m experiments.bench --what compare --compare 06936f2 --model cifar10 --batch-size 8 --reps 5
     python -m experiments.bench --what eval --ckpt out/8gaussians --reps 1 --json results/bench_eval.json
+    python -m experiments.bench --what es-search                  # the ES search replayed on results/steps
 
 Every timing runs train.py's own step (trainstep.local_batch, trainstep.compute_loss, then
 trainstep.optimizer_step: backward, clip, Adam, EMA), the module train.py runs it from.
@@ -254,6 +255,28 @@ def bench_eval(a, dev):
     return rows
 
 
+def bench_es_search():
+    """--what es-search: protocol.es_search replayed on every ES grid of results/steps (the scores
+    it visits are the grid's, on the same streams): how often it picks the grid's best scale, the
+    excess score where it does not, and the scores it needs against the grid's."""
+    from experiments import protocol as P
+    rows, misses = [], []
+    for f in sorted(glob.glob(os.path.join(P.RES, 'steps', 'steps_*.json'))):
+        res = P.read_json(f)
+        for r in res.get('rows', []):
+            if r.get('es_grid') and None not in r['es_grid']:
+                g = dict(zip(P.ES_GRID, r['es_grid']))
+                best, seen = P.es_search(g.get, P.ES_GRID)
+                full = min(g, key=g.get)
+                rows.append(dict(same=best == full, scores=len(seen)))
+                if best != full:
+                    misses.append(dict(run=os.path.basename(f), sampler=r['sampler'], S=r['steps'], grid_best=full,
+                                       search_best=best, excess=g[best] - g[full]))
+    return dict(grids=len(rows), same_pick=sum(r['same'] for r in rows), grid_scores=len(P.ES_GRID),
+                mean_scores=statistics.mean(r['scores'] for r in rows), max_scores=max(r['scores'] for r in rows),
+                misses=misses)
+
+
 def show(title, rows):
     cells = [[f'{v:.4g}' if isinstance(v, float) else '-' if v is None else str(v) for v in r.values()]
              for r in rows]
@@ -265,7 +288,7 @@ def show(title, rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--what', default='all', choices=('train', 'reg', 'errprop', 'methods', 'reg-grad', 'compare', 'eval', 'all'),
+    p.add_argument('--what', default='all', choices=('train', 'reg', 'errprop', 'methods', 'reg-grad', 'compare', 'eval', 'es-search', 'all'),
                    help='all = train, reg and errprop')
     p.add_argument('--model', nargs='+', help='train: these configs (default small cifar10); '
                    'reg, errprop: the first one (default small on CPU, cifar10 on GPU)')
@@ -373,6 +396,12 @@ def main(argv=None):
             for v in ('fast_fp32', 'fast_default'):
                 show(f"{v}: largest |difference to grid_fp32| per metric, beside the seed spread ({r['seed_spread_from']})",
                      [dict(metric=k, **g) for k, g in r[v]['metrics'].items()])
+    if a.what == 'es-search':
+        r = out['es_search'] = bench_es_search()
+        print(f"es_search on {r['grids']} grids of results/steps: the grid's pick in {r['same_pick']}, "
+              f"{r['mean_scores']:.2f} scores on average (at most {r['max_scores']}) instead of {r['grid_scores']}")
+        if r['misses']:
+            show('where it picks another scale (excess: its score minus the grid best, selection stream)', r['misses'])
     if a.json:
         R.write_json(a.json, out)
 

@@ -32,3 +32,23 @@ def test_compare_head_with_working_tree(tmp_path):
     assert row['ratio_min'] <= row['ratio'] <= row['ratio_max']
     assert math.isfinite(row['loss_max_rel_diff'])
 
+
+
+def test_es_search_replay_counts_picks_and_misses(tmp_path):
+    """--what es-search on two crafted grids: a unimodal one (same pick) and one whose best sits
+    in a second valley that the golden-section search does not visit (a miss, its excess > 0)."""
+    steps = tmp_path / 'steps'
+    steps.mkdir()
+    uni = [9, 8, 7, 6, 5, 4, 5, 6, 7]
+    two = [5, 6, 7, 8, 9, 8, 7, 6, 1]   # the search narrows to the left valley, b = 1
+    rows = [dict(sampler='ddpm', steps=10, es_grid=uni), dict(sampler='ddim', steps=10, es_grid=two)]
+    (steps / 'steps_x_T50_vanilla_s0.json').write_text(json.dumps(dict(rows=rows)))
+    out = tmp_path / 'es.json'
+    r = subprocess.run([sys.executable, '-m', 'experiments.bench', '--what', 'es-search', '--json', str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, REPRO_RESULTS=str(tmp_path)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    es = json.loads(out.read_text())['es_search']
+    assert es['grids'] == 2 and es['same_pick'] == 1 and es['max_scores'] <= 6
+    miss, = es['misses']
+    assert miss['sampler'] == 'ddim' and miss['grid_best'] == 1.5 and miss['excess'] > 0

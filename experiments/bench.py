@@ -178,27 +178,43 @@ def bench_compare(a, dev):
 
 
 def bench_reg_grad(a, dev):
-    """How strong is the regulariser? |grad of lambda_reg w_r L_reg| / |grad of lambda_nll L_nll|
-    on --ckpt's EMA model with its own settings plus --reg at the paper's values, over a.batches
-    training batches: compute_loss once with lambda_reg = 0 and once with lambda_nll = 0, the same
-    step index (so the same t, noise, r and k) in both."""
+    """How strong is the regulariser, and does its gradient carry signal? On --ckpt's EMA model with
+    its own settings plus --reg at the paper's values, over a.batches training batches:
+    |grad of lambda_reg w_r L_reg| / |grad of lambda_nll L_nll| (compute_loss once with
+    lambda_reg = 0 and once with lambda_nll = 0, the same step index, so the same t, noise, r and k),
+    and the gradient signal-to-noise: the cosine between the gradients of two independent batches
+    (consecutive step indices: their own data, t, noise, r and k) at the same weights, of each loss.
+    A cosine near 0 means that one batch's gradient says nothing about the next one's."""
     model, _, saved = R.load_checkpoint(a.ckpt[0], dev, ema=True)
     cfg = {**saved, 'reg': True, 'reg_L': 5, 'reg_grad': 'full', 'warm_start': True}
     R.resolve_schedule(cfg)
     data, ps, rows = trainstep.training_set(cfg).to(dev), list(model.parameters()), []
     diff = R.make_diffusion(cfg, dev)
-    norm = lambda gs: float(sum(x.pow(2).sum() for x in gs).sqrt())   # noqa: E731
+    flat = lambda loss: torch.cat([g.flatten() for g in torch.autograd.grad(loss, ps)])   # noqa: E731
+    prev = None
     for step in range(5000, 5000 + a.batches):
         x0 = trainstep.local_batch(data, cfg, step, 0, 1, dev)
         xr = trainstep.local_batch(data, cfg, step, 0, 1, dev, 'reg') if trainstep.reg_batch_size(cfg) else None
         nll, _ = trainstep.compute_loss(model, diff, x0, {**cfg, 'lambda_reg': 0.0}, step, x_reg=xr)
         reg, st = trainstep.compute_loss(model, diff, x0, {**cfg, 'lambda_nll': 0.0}, step, x_reg=xr)
-        gn, gr = norm(torch.autograd.grad(nll, ps)), norm(torch.autograd.grad(reg, ps))
-        rows.append(dict(step=step, r=st['r'], k=st['k'], w=st['w'], grad_nll=gn, grad_reg=gr, ratio=gr / gn))
+        gn, gr = flat(nll), flat(reg)
+        row = dict(step=step, r=st['r'], k=st['k'], w=st['w'], grad_nll=float(gn.norm()), grad_reg=float(gr.norm()),
+                   ratio=float(gr.norm() / gn.norm()))
+        if prev is not None:   # disjoint pairs (5000, 5001), (5002, 5003), ...: independent cosines
+            cos = torch.nn.functional.cosine_similarity
+            row.update(cos_nll=float(cos(gn, prev[0], 0)), cos_reg=float(cos(gr, prev[1], 0)))
+        prev = None if prev is not None else (gn, gr)
+        rows.append(row)
     ratio = [r['ratio'] for r in rows]
+    cn, cr = [r['cos_nll'] for r in rows if 'cos_nll' in r], [r['cos_reg'] for r in rows if 'cos_reg' in r]
     return dict(rows=rows, median_ratio=statistics.median(ratio), min_ratio=min(ratio), max_ratio=max(ratio),
+                pairs=len(cn), mean_cos_nll=statistics.mean(cn) if cn else None,
+                mean_cos_reg=statistics.mean(cr) if cr else None,
+                se_cos_nll=statistics.stdev(cn) / len(cn) ** 0.5 if len(cn) > 1 else None,
+                se_cos_reg=statistics.stdev(cr) / len(cr) ** 0.5 if len(cr) > 1 else None,
                 what=f"|grad of {cfg['lambda_reg']} w_r L_reg| / |grad of {cfg['lambda_nll']} L_nll|, "
-                     f"{a.ckpt[0]} EMA model, batch {cfg['batch_size']} (halves for the regulariser)")
+                     f"{a.ckpt[0]} EMA model, batch {cfg['batch_size']} "
+                     f"({'halves' if cfg.get('reg_halves') else 'a second batch'} for the regulariser)")
 
 
 class CountCalls(torch.nn.Module):
@@ -386,6 +402,10 @@ def main(argv=None):
         r = out['reg_grad']
         print(f"{r['what']}: median {r['median_ratio']:.3f} (range {r['min_ratio']:.3f}-{r['max_ratio']:.3f}, "
               f'{a.batches} batches)')
+        if r['pairs']:
+            print(f"gradient cosine between independent batches ({r['pairs']} pairs): eps-MSE "
+                  f"{r['mean_cos_nll']:.3f} +- {r['se_cos_nll'] or 0:.3f}, regulariser {r['mean_cos_reg']:.3f} "
+                  f"+- {r['se_cos_reg'] or 0:.3f} (mean +- s.e.)")
     if a.what == 'eval':
         out['eval'] = bench_eval(a, dev)
         for r in out['eval']:

@@ -52,3 +52,21 @@ def test_es_search_replay_counts_picks_and_misses(tmp_path):
     assert es['grids'] == 2 and es['same_pick'] == 1 and es['max_scores'] <= 6
     miss, = es['misses']
     assert miss['sampler'] == 'ddim' and miss['grid_best'] == 1.5 and miss['excess'] > 0
+
+
+def test_reg_grad_reports_ratio_and_independent_batch_cosines(tmp_path):
+    """--what reg-grad on a 3-step toy model: the gradient ratio per batch and, over disjoint pairs
+    of batches, the cosine of each loss's gradients (different batches: not 1; a cosine: in [-1, 1])."""
+    run = tmp_path / 'run'
+    p = subprocess.run([sys.executable, 'train.py', '--dataset', '8gaussians', '--T', '50', '--max-steps', '3',
+                        '--out-dir', str(run), '--dtype', 'fp32', '--sample-every', '0'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = tmp_path / 'g.json'
+    r = subprocess.run([sys.executable, '-m', 'experiments.bench', '--what', 'reg-grad', '--ckpt', str(run),
+                        '--batches', '4', '--json', str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    g = json.loads(out.read_text())['reg_grad']
+    assert len(g['rows']) == 4 and g['pairs'] == 2 and all(math.isfinite(x['ratio']) and x['ratio'] > 0 for x in g['rows'])
+    cos = [x[k] for x in g['rows'] for k in ('cos_nll', 'cos_reg') if k in x]
+    assert len(cos) == 4 and all(-1 <= c < 0.9999 for c in cos)

@@ -196,11 +196,11 @@ def gather(x, world):
     return torch.cat(parts) if isinstance(x, torch.Tensor) else np.concatenate(parts)
 
 
-def teardown(end_process=False):
+def teardown(end_process=False, code=0):
     """Leave the process group together: a rank that destroys its gloo group while another is
     still writing its checkpoint can abort ('terminate called without an active exception').
     end_process (a script's last line): under torchrun, end the process right after the group is
-    destroyed, every file being written and closed. A gloo group's worker threads can still hold
+    destroyed, every file being written and closed, with exit status `code`. A gloo group's worker threads can still hold
     tensors when the interpreter finalises, and freeing them then aborts the rank with the same
     message (seen after the barrier in the last CI run and in one of two full test runs here, never
     in 18 isolated reruns: a race): skipping finalisation removes it."""
@@ -211,7 +211,7 @@ def teardown(end_process=False):
             gc.collect()
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(0)
+            os._exit(code)
 
 
 # ---- atomic, durable writes ------------------------------------------------------------------

@@ -17,6 +17,8 @@ which bench.py times as it is.
 import copy
 import json
 import os
+import signal
+import threading
 import time
 
 import torch
@@ -108,6 +110,64 @@ def log_line(log, stats, loss, gnorm, lr, step, cfg, world, n_seen, dt):
           f"eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s", flush=True)
 
 
+# ---- preemption and the run folder's one writer --------------------------------------------------
+class StopSignal:
+    """SIGTERM (a scheduler's preemption or time limit) and SIGINT (Ctrl-C) ask the loop to stop
+    after the current optimizer step, save and exit 128 + signal (143 / 130) so that a scheduler
+    can requeue. The handler only records the signal: a second one, during the save or not, changes
+    nothing. Under torchrun the ranks agree (all-reduced flag, every 10 steps) on the same step."""
+    def __enter__(self):
+        self.signum, self.old = 0, {}
+        if threading.current_thread() is threading.main_thread():   # (signals reach the main thread only)
+            self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def handle(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+    def requested(self, step, world, device):
+        """The signal to stop on (0: none), the same on every rank."""
+        if world == 1:
+            return self.signum
+        if step % 10:
+            return 0
+        flag = torch.tensor(self.signum, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)
+
+
+def lock_run_dir(out):
+    """Hold RUN/.lock (flock) for the life of this process: one writer per run folder. The OS drops
+    the lock when the process ends, however it ends, so a crash leaves no stale lock."""
+    try:
+        import fcntl
+    except ImportError:   # not POSIX: no lock
+        return None
+    key = os.path.realpath(out)
+    if key in _LOCKS:   # this process holds it already (main() called again in one process)
+        return _LOCKS[key]
+    os.makedirs(out, exist_ok=True)
+    fd = os.open(os.path.join(out, '.lock'), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors='replace').strip() or '?'
+        os.close(fd)
+        R.fail(f'{out} is in use by pid {holder} (another train.py writes it): wait for it to end, '
+               f'or pass another --out-dir')
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _LOCKS[key] = fd
+    return fd
+
+
+_LOCKS = {}   # run folder -> the descriptor whose flock this process holds
+
+
 # ---- the training loop -----------------------------------------------------------------------
 def main(argv=None):
     cfg, given = R.parse_config(argv)
@@ -136,6 +196,7 @@ def main(argv=None):
             model, device_ids=[device] if device.startswith('cuda') else None)
     log = None
     if master:   # every check has passed: only now does the run folder change
+        lock_run_dir(out)   # held until the process ends
         print(json.dumps(cfg, indent=1))
         if cfg['dtype'] == 'bf16' and device == 'cpu' and not cpu_has_native_bf16():
             print('warning: this CPU has no native bf16 units (no AVX512-BF16 / AMX / Arm BF16): bf16 '
@@ -148,44 +209,52 @@ def main(argv=None):
     # the first step whose loss or gradient norm was not finite (-1: none), kept on the device so
     # that GPUs do not wait for it; checked every step on a CPU, at log/save points on a GPU
     first_bad = torch.tensor(-1, device=device)
-    t_last, n_seen = time.time(), 0
-    while step < cfg['max_steps']:
-        torch.manual_seed(R.seed_of(cfg['seed'], 'dropout', step))   # the same on every rank
-        set_lr(opt, cfg, step)
-        x0 = local_batch(data, cfg, step, rank, world, device)
-        x_reg = local_batch(data, cfg, step, rank, world, device, 'reg') if reg_batch_size(cfg) else None
-        loss, stats = compute_loss(model, diff, x0, cfg, step, rank, world, x_reg=x_reg)
-        gnorm = optimizer_step(loss, raw, opt, ema, cfg)
-        first_bad = torch.where((first_bad < 0) & ~(torch.isfinite(loss.detach()) & torch.isfinite(gnorm)),
-                                step + 1, first_bad)
-        step += 1
-        n_seen += cfg['batch_size']
-        logs = step % cfg['log_every'] == 0 or step == cfg['max_steps']
-        saves = step % cfg['save_every'] == 0 or step == cfg['max_steps']
-        previews = (cfg['sample_every'] and step % cfg['sample_every'] == 0) or step == cfg['max_steps']
-        if not device.startswith('cuda') or logs or saves or previews:
-            stop_if_diverged(first_bad, world, loss, gnorm, ckpt_path, saved_step)
-        if logs:
-            if device.startswith('cuda'):
-                torch.cuda.synchronize()
-            dt, t_last = time.time() - t_last, time.time()
-            log_line(log, stats, loss, gnorm, opt.param_groups[0]['lr'], step, cfg, world, n_seen, dt)
-            n_seen = 0
-        if master and saves:
-            R.save_checkpoint(ckpt_path, model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                              step=step, config=cfg, data_shape=list(shape))
-            saved_step = step
-        if master and previews:
-            g = torch.Generator(device).manual_seed(cfg['seed'])
-            s = diff.sample(ema, (cfg['n_preview'], *shape), steps=cfg.get('preview_steps'), generator=g,
-                            device=device)
-            R.save_preview(s, D.to_model_space(data[:cfg['n_preview']]),
-                           os.path.join(out, f'samples_{step:07d}.png'))
+    t_last, n_seen, signum = time.time(), 0, 0
+    with StopSignal() as stop:   # SIGTERM / SIGINT: stop after this step, save, exit 143 / 130
+        while step < cfg['max_steps']:
+            torch.manual_seed(R.seed_of(cfg['seed'], 'dropout', step))   # the same on every rank
+            set_lr(opt, cfg, step)
+            x0 = local_batch(data, cfg, step, rank, world, device)
+            x_reg = local_batch(data, cfg, step, rank, world, device, 'reg') if reg_batch_size(cfg) else None
+            loss, stats = compute_loss(model, diff, x0, cfg, step, rank, world, x_reg=x_reg)
+            gnorm = optimizer_step(loss, raw, opt, ema, cfg)
+            first_bad = torch.where((first_bad < 0) & ~(torch.isfinite(loss.detach()) & torch.isfinite(gnorm)),
+                                    step + 1, first_bad)
+            step += 1
+            n_seen += cfg['batch_size']
+            signum = stop.requested(step, world, device)
+            logs = step % cfg['log_every'] == 0 or step == cfg['max_steps'] or signum
+            saves = step % cfg['save_every'] == 0 or step == cfg['max_steps'] or signum
+            previews = ((cfg['sample_every'] and step % cfg['sample_every'] == 0) or step == cfg['max_steps']) and not signum
+            if not device.startswith('cuda') or logs or saves or previews:
+                stop_if_diverged(first_bad, world, loss, gnorm, ckpt_path, saved_step)
+            if logs:
+                if device.startswith('cuda'):
+                    torch.cuda.synchronize()
+                dt, t_last = time.time() - t_last, time.time()
+                log_line(log, stats, loss, gnorm, opt.param_groups[0]['lr'], step, cfg, world, n_seen, dt)
+                n_seen = 0
+            if master and saves:
+                R.save_checkpoint(ckpt_path, model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                                  step=step, config=cfg, data_shape=list(shape))
+                saved_step = step
+            if master and previews:
+                g = torch.Generator(device).manual_seed(cfg['seed'])
+                s = diff.sample(ema, (cfg['n_preview'], *shape), steps=cfg.get('preview_steps'), generator=g,
+                                device=device)
+                R.save_preview(s, D.to_model_space(data[:cfg['n_preview']]),
+                               os.path.join(out, f'samples_{step:07d}.png'))
+            if signum:
+                break
     if master:
         log.close()
-        print(f'done: {step} steps; checkpoint {ckpt_path}')
+        print(f"stopped by {signal.Signals(signum).name} at step {step}; {ckpt_path} holds it; resume with: "
+              f"python train.py --resume --out-dir {out}" if signum else f'done: {step} steps; checkpoint {ckpt_path}',
+              flush=True)
     del model   # DDP's reducer holds the process group: free it while the interpreter is alive
-    R.teardown(end_process=True)
+    R.teardown(end_process=True, code=128 + signum if signum else 0)
+    if signum:
+        raise SystemExit(128 + signum)
 
 
 def stop_if_diverged(first_bad, world, loss, gnorm, ckpt_path, saved_step):

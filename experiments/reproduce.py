@@ -16,6 +16,7 @@ single-threaded (OMP_NUM_THREADS=1): the machine is a shared 2-core CPU.
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -143,7 +144,12 @@ def schedule(a):
         except (OSError, ValueError):
             return False
 
+    stop = {}   # SIGTERM / SIGINT: stop the running jobs (their train.py saves where it is), start no more
+    old = {sig: signal.signal(sig, lambda signum, frame: stop.setdefault('signum', signum))
+           for sig in (signal.SIGTERM, signal.SIGINT)}
     while todo or running:
+        if stop:
+            halt(running, stop['signum'], t_start)
         for name, (p, t0) in list(running.items()):
             if p.poll() is not None:
                 del running[name]
@@ -169,15 +175,33 @@ def schedule(a):
             cmd = [sys.executable, '-m', 'experiments.reproduce', '--job', j['name']] + a.passthrough
             log = open(os.path.join(OUT, 'logs', j['name'] + '.log'), 'a')
             running[j['name']] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                                   env=dict(os.environ, OMP_NUM_THREADS='1')), time.time())
+                                                   env=dict(os.environ, OMP_NUM_THREADS='1'),
+                                                   start_new_session=True), time.time())   # (own group: halt)
             started += 1
             print(f'[{(time.time() - t_start) / 60:6.1f} min] start {j["name"]}', flush=True)
         if over and not running:
             print(f'budget of {a.budget_min} min reached; not started: {[j["name"] for j in todo]}', flush=True)
             break
         time.sleep(2)
+    for sig, h in old.items():
+        signal.signal(sig, h)
     print(f'all done in {(time.time() - t_start) / 60:.1f} min; failed: {sorted(failed) or "none"}', flush=True)
     return jobs, started
+
+
+def halt(running, signum, t_start):
+    """Pass the signal on to each running job's process group (its train.py saves at the current
+    step and exits 143; an evaluation in flight ends without its result file, so the job counts as
+    not done) and exit 128 + signum: rerunning the same command resumes every unfinished job."""
+    for name, (p, _) in running.items():
+        if isinstance(p, subprocess.Popen) and p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for name, (p, _) in running.items():
+        if isinstance(p, subprocess.Popen):
+            p.wait()
+    print(f'[{(time.time() - t_start) / 60:6.1f} min] stopped by {signal.Signals(signum).name}: finished results '
+          f'kept, unfinished jobs {sorted(running) or "none"}; rerun the same command to resume them', flush=True)
+    raise SystemExit(128 + signum)
 
 
 def main():

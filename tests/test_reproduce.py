@@ -86,3 +86,30 @@ def test_fast_evaluation_equals_the_grid_where_it_shares_nothing(tmp_path):
     for frac, ft in grid['faulttol'][20].items():
         assert ft['t'] == fast['faulttol'][20][frac]['t']
         assert all(abs(a - b) < 1e-5 for a, b in zip(ft['amp'], fast['faulttol'][20][frac]['amp']))
+
+
+def test_sigterm_stops_the_scheduler_keeps_results_and_a_rerun_resumes(tmp_path):
+    """SIGTERM to the scheduler: its running job is stopped (train.py saves where it is), the
+    scheduler exits 143 naming it, no result file claims it done; the same command again finishes it."""
+    import signal
+    import time
+    env = dict(os.environ, REPRO_RESULTS=str(tmp_path / 'results'), REPRO_OUT=str(tmp_path / 'out'),
+               OMP_NUM_THREADS='1')
+    job = 'steps_8gaussians_T50_vanilla_s1'
+    args = ['--seeds', '1', '--n-true', '64', '--n-ref', '128', '--only', job]
+    p = subprocess.Popen([sys.executable, '-m', 'experiments.reproduce', *args, '--max-steps', '100000'], cwd=REPO,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / 'out' / 'logs' / f'{job}.log'
+    for _ in range(600):   # until the job's train.py is inside its loop
+        if log.is_file() and 'step ' in log.read_text():
+            break
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 143, out[-2000:]
+    assert f"stopped by SIGTERM: finished results kept, unfinished jobs ['{job}']" in out
+    assert not (tmp_path / 'results' / 'steps' / f'{job}.json').exists()
+    assert 'stopped by SIGTERM at step' in log.read_text()   # train.py saved where it was
+    again = run(tmp_path, *args, '--max-steps', '5')
+    assert again.returncode == 0 and 'failed: none' in again.stdout, again.stdout[-2000:]
+    assert (tmp_path / 'results' / 'steps' / f'{job}.json').is_file()

@@ -269,7 +269,9 @@ def flat_metrics(res):
 def dtype_summary():
     """results/dtype_toy.json: per data set and regime, the bf16 runs (--dtype-check) against the
     fp32 runs of the same seed: per reported metric the largest |mean paired difference| over its
-    cells, the fp32 seed std there, and how many cells' mean difference exceeds 2 standard errors."""
+    cells, the fp32 seed std there, how many cells' 95 % paired t interval excludes 0, and how many
+    stay at Holm-adjusted p < 0.05 over that metric's cells (metrics/stats.py)."""
+    from metrics import stats as ST
     out = {}
     for f in sorted(os.listdir(os.path.join(RES, 'dtype'))):
         r = read_json(os.path.join(RES, 'dtype', f))
@@ -279,17 +281,20 @@ def dtype_summary():
             out.setdefault(key, []).append((flat_metrics(r), flat_metrics(read_json(pair))))
     summary = {}
     for key, pairs in out.items():
-        groups = {}
+        groups, tests = {}, {}
         for cell in pairs[0][1]:
-            d = np.array([b[cell] - a[cell] for b, a in pairs if cell in b])
+            d = [b[cell] - a[cell] for b, a in pairs if cell in b]
             if len(d) < 2:
                 continue
-            se, std32 = d.std(ddof=1) / np.sqrt(len(d)), float(np.std([a[cell] for _, a in pairs], ddof=1))
-            g = groups.setdefault(cell[0], dict(cells=0, beyond_2se=0, max_abs_mean_diff=0.0))
+            t, std32 = ST.paired(d), float(np.std([a[cell] for _, a in pairs], ddof=1))
+            g = groups.setdefault(cell[0], dict(cells=0, ci_excludes_0=0, holm_below_0_05=0, max_abs_mean_diff=0.0))
             g['cells'] += 1
-            g['beyond_2se'] += int(abs(d.mean()) > 2 * se)
-            if abs(d.mean()) >= g['max_abs_mean_diff']:
-                g.update(max_abs_mean_diff=float(abs(d.mean())), at=str(cell[1:]), fp32_seed_std_there=std32)
+            g['ci_excludes_0'] += int(t['ci'][0] > 0 or t['ci'][1] < 0)
+            tests.setdefault(cell[0], []).append(t['p'])
+            if abs(t['mean']) >= g['max_abs_mean_diff']:
+                g.update(max_abs_mean_diff=float(abs(t['mean'])), at=str(cell[1:]), fp32_seed_std_there=std32)
+        for name, ps in tests.items():
+            groups[name]['holm_below_0_05'] = sum(q < 0.05 for q in ST.holm(ps))
         summary[key] = dict(seeds=len(pairs), metrics=groups)
     R.write_json(os.path.join(RES, 'dtype_toy.json'), summary)
     return summary

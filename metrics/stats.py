@@ -52,7 +52,8 @@ def power(effect, std, n, alpha):
     difference is `effect` and its std `std`: the exact noncentral t (scipy.stats.nct)."""
     df, crit = n - 1, float(_st.t.ppf(1 - alpha / 2, n - 1))
     nc = effect * math.sqrt(n) / std
-    return float(_st.nct.sf(crit, df, nc) + _st.nct.cdf(-crit, df, nc))
+    low = float(_st.nct.cdf(-crit, df, nc))   # the wrong-sign tail: tiny, and NaN in scipy for large nc
+    return float(_st.nct.sf(crit, df, nc)) + (0.0 if math.isnan(low) else low)
 
 
 def min_detectable(std, n, alpha=0.05, power_=0.8):

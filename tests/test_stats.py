@@ -61,3 +61,60 @@ def test_min_detectable_has_the_power_it_claims():
     # more pairs or a looser alpha detect smaller effects; nothing from one pair
     assert min_detectable(std, 10, alpha) < d and min_detectable(std, n, 0.05) < d
     assert math.isnan(min_detectable(std, 1, alpha))
+
+
+def test_headline_table_on_committed_runs(tmp_path):
+    """The report's statistics of one table, built from a few of results/steps' committed JSONs
+    (8gaussians vanilla and sa, both regimes, 5 seeds), against scipy on the same numbers."""
+    import json
+    import os
+    import shutil
+    from experiments.report import HEADLINE, headline_table, load_steps
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'results', 'steps')
+    names = [f'steps_8gaussians_{rg}_{m}_s{s}.json' for rg in ('T1000', 'T50') for m in ('vanilla', 'sa')
+             for s in range(5)]
+    if not all(os.path.isfile(os.path.join(src, f)) for f in names):
+        pytest.skip('results/steps not in this checkout')
+    os.makedirs(tmp_path / 'steps')
+    for f in names:
+        shutil.copy(os.path.join(src, f), tmp_path / 'steps' / f)
+    runs, _ = load_steps(str(tmp_path))
+    rows, note = headline_table(runs, '8gaussians', 'mmd', ['vanilla', 'sa'], 'ddpm')
+    assert [(m, es) for m, es, _ in rows] == [('vanilla', True), ('sa', False), ('sa', True)]
+    cells = [c for _, _, cs in rows for c in cs if c]
+    assert note['m'] == len(cells) == 3 * len(HEADLINE) - 2   # no ES at S = 1000 (vanilla + ES, sa + ES)
+
+    def value(m, rg, s, key, S=10):
+        r = json.load(open(tmp_path / 'steps' / f'steps_8gaussians_{rg}_{m}_s{s}.json'))
+        return next(x[key] for x in r['rows'] if x['sampler'] == 'ddpm' and x['steps'] == S)
+    sa = [value('sa', 'T1000', s, 'mmd') for s in range(5)]
+    van = [value('vanilla', 'T1000', s, 'mmd') for s in range(5)]
+    c = rows[1][2][0]   # sa, T = 1000, S = 10
+    assert c['n'] == 5 and c['mean'] == pytest.approx(np.mean(np.subtract(sa, van)))
+    assert c['p'] == pytest.approx(st.ttest_rel(sa, van).pvalue, rel=1e-9)
+    ps = [x['p'] for x in cells]
+    assert c['p_holm'] == pytest.approx(holm(ps)[cells.index(c)])
+    assert all(x['sig'] == (x['p_holm'] < 0.05) for x in cells) and note['marked'] == sum(x['sig'] for x in cells)
+    assert note['k_std'] == pytest.approx(min_detectable(1.0, 5, 0.05 / note['m']))
+
+
+def test_dtype_summary_counts_intervals_and_holm(tmp_path, monkeypatch):
+    """protocol.dtype_summary on fake pairs: a metric shifted by a constant plus small noise is
+    outside the interval and survives Holm; an unshifted one is neither."""
+    import json
+    import os
+    from experiments import protocol as P
+    monkeypatch.setattr(P, 'RES', str(tmp_path))
+    os.makedirs(tmp_path / 'dtype')
+    os.makedirs(tmp_path / 'steps')
+    g = np.random.default_rng(0)
+    for s in range(4):
+        fp32 = [dict(sampler='ddpm', steps=S, mmd=0.03 + 0.01 * g.normal(), kid=0.1 + 0.01 * g.normal())
+                for S in (10, 20)]
+        bf16 = [dict(r, mmd=r['mmd'] + 0.01 + 1e-4 * g.normal(), kid=r['kid'] + 0.01 * g.normal()) for r in fp32]
+        json.dump(dict(rows=fp32), open(tmp_path / 'steps' / f'steps_8gaussians_T50_vanilla_s{s}.json', 'w'))
+        json.dump(dict(rows=bf16, job=dict(dataset='8gaussians', regime='T50', pair=f'steps_8gaussians_T50_vanilla_s{s}')),
+                  open(tmp_path / 'dtype' / f'dtype_8gaussians_T50_vanilla_bf16_s{s}.json', 'w'))
+    m = P.dtype_summary()['8gaussians_T50']['metrics']
+    assert m['mmd']['cells'] == 2 and m['mmd']['ci_excludes_0'] == 2 and m['mmd']['holm_below_0_05'] == 2
+    assert m['kid']['holm_below_0_05'] == 0 and 'beyond_2se' not in m['kid']

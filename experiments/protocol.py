@@ -45,6 +45,7 @@ STEPS = (10, 20, 50, 100, 1000)
 CURVE_STEPS = (20, 1000)
 ES_GRID = (1.0, 1.005, 1.01, 1.02, 1.05, 1.1, 1.2, 1.3, 1.5)   # brackets the best B at every S on the toy sets
 T0_FRACTIONS = (0.9, 0.5, 0.1)
+STREAMS = ('legacy', 'independent')   # evaluation randomness: see evaluate_steps
 N_REF = 2000   # toy: fresh true draws the samples are scored against (--n-ref)
 SAMPLE_SEED, SELECT_SEED, FRESH_SEED, SELECT_FRESH_SEED, EVAL_SEED = 1, 3, 99991, 2, 0
 REGIMES = {'T1000': ['--T', '1000'], 'T50': ['--T', '50']}
@@ -163,20 +164,45 @@ class ClassifierMetric:
         return dict(mmd=None, fd=s['fd'], kid=s['kid'])
 
 
-def chain_samples(model, diff, n, shape, sampler, S, b, seed, chunk=None):
+def chain_samples(model, diff, n, shape, sampler, S, b, seed, chunk=None, streams='legacy'):
+    """n samples (n, *shape) of the S-step chain with eps / b. Chunks (image memory) get their own
+    streams: legacy, one per chunk for x_T and then z (in turn, never the same tensor);
+    independent, runtime.eval_rngs' 'x_T' and 'chain' streams of the chunk."""
     lam = None if b == 1.0 else eps_scale_schedule(diff.T, b, 0.0, S)
     out = []
-    for i, m in enumerate(range(0, n, chunk or n)):   # chunks: image memory; one seeded stream each
-        g = torch.Generator().manual_seed(R.seed_of(seed, 'steps-sample', i))
-        out.append(diff.sample(model, (min(chunk or n, n - m), *shape), sampler=sampler, steps=S,
-                               eps_scale=lam, generator=g))
+    for i, m in enumerate(range(0, n, chunk or n)):
+        size = (min(chunk or n, n - m), *shape)
+        if streams == 'legacy':
+            g = torch.Generator().manual_seed(R.seed_of(seed, 'steps-sample', i))
+            out.append(diff.sample(model, size, sampler=sampler, steps=S, eps_scale=lam, generator=g))
+        else:
+            g = R.eval_rngs(R.seed_of(seed, 'steps-sample', i))
+            out.append(diff.sample_chain(model, torch.randn(size, generator=g['x_T']), diff.T, 0, sampler, S,
+                                         g['chain'], eps_scale=lam))
     return torch.cat(out)
 
 
+def faulttol_start(n, shape, streams='legacy'):
+    """A(t)'s common x_T (n, *shape): EVAL_SEED's 'x_T' stream (runtime.eval_rngs)."""
+    return torch.randn((n, *shape), generator=R.eval_rngs(EVAL_SEED, streams == 'legacy')['x_T'])
+
+
+def faulttol_rngs(streams='legacy'):
+    """A(t)'s chain and perturbation streams, fresh for every t0 (the same z at every t0)."""
+    return R.eval_rngs(EVAL_SEED, streams == 'legacy')
+
+
 @torch.no_grad()
-def evaluate_steps(model, diff, cfg, n=1000, n_select=500, es_max_steps=100, chunk=None, curves=True, n_ref=N_REF):
+def evaluate_steps(model, diff, cfg, n=1000, n_select=500, es_max_steps=100, chunk=None, curves=True, n_ref=N_REF,
+                   streams='legacy'):
     """The final metric at every S <= T for both samplers, plain and with epsilon scaling; D_MMD(t)
-    and A(t) at CURVE_STEPS. Returns a dict for results/steps/NAME.json."""
+    and A(t) at CURVE_STEPS. Returns a dict for results/steps/NAME.json.
+    streams (STREAMS): 'legacy', the evaluation randomness results/steps was computed with (kept
+    so that its runs, paired by seed, stay reproducible bit for bit and resumable; in A(t) the
+    first step's z IS x_T); 'independent', every stream from runtime.eval_rngs(seed), apart."""
+    if streams not in STREAMS:
+        raise ValueError(f'streams must be one of {STREAMS}, got {streams!r}')
+    legacy = streams == 'legacy'
     toy = D.is_toy(cfg['dataset'])
     shape = tuple(cfg['data_shape'])
     score = ToyMetric(cfg['dataset'], FRESH_SEED, n_ref) if toy else ClassifierMetric(cfg)
@@ -185,20 +211,21 @@ def evaluate_steps(model, diff, cfg, n=1000, n_select=500, es_max_steps=100, chu
     rows = []
     for sampler in ('ddpm', 'ddim'):
         for S in [s for s in STEPS if s <= diff.T]:
-            plain = score(chain_samples(model, diff, n, shape, sampler, S, 1.0, SAMPLE_SEED, chunk))
+            plain = score(chain_samples(model, diff, n, shape, sampler, S, 1.0, SAMPLE_SEED, chunk, streams))
             row = dict(sampler=sampler, steps=S, **plain)
             if S <= es_max_steps:   # pick the scale on other samples and other reference data
-                grid = {b: select(chain_samples(model, diff, n_select, shape, sampler, S, b, SELECT_SEED, chunk))[key]
+                grid = {b: select(chain_samples(model, diff, n_select, shape, sampler, S, b, SELECT_SEED, chunk,
+                                                streams))[key]
                         for b in ES_GRID}
                 best = min(grid, key=grid.get)
                 es = plain if best == 1.0 else score(chain_samples(model, diff, n, shape, sampler, S, best,
-                                                                   SAMPLE_SEED, chunk))
+                                                                   SAMPLE_SEED, chunk, streams))
                 row.update(es_scale=best, es_grid=[grid[b] for b in ES_GRID], **{k + '_es': v for k, v in es.items()})
             rows.append(row)
             print(row, flush=True)
     out = dict(rows=rows, metric=f'toy: MMD (gaussian, unbiased, signed sqrt) vs {n_ref} fresh true draws' if toy
                else 'MNIST: classifier-feature FD and KID vs the training set', n=n, n_select=n_select,
-               es_grid=ES_GRID, **({'n_ref': n_ref} if toy else {}))
+               es_grid=ES_GRID, **({'n_ref': n_ref} if toy else {}), **({} if legacy else {'eval_streams': streams}))
     if not toy:
         out['classifier'] = score.info
     if not curves:
@@ -206,17 +233,20 @@ def evaluate_steps(model, diff, cfg, n=1000, n_select=500, es_max_steps=100, chu
     x0 = D.random_examples(n, EVAL_SEED, cfg['dataset'], cfg['data_dir'], cfg['image_size'], cfg['toy_n'], cfg['seed'])
     out['curves'], out['faulttol'] = {}, {}
     for S in [s for s in CURVE_STEPS if s <= diff.T]:
+        g = R.eval_rngs(EVAL_SEED, legacy)   # legacy: one generator for x_T, z and the forward samples
         c = errprop_curve(model, diff, x0, n, ('gaussian', 'laplace'), 'u', None if S <= 100 else S // 10,
-                          torch.Generator().manual_seed(EVAL_SEED), chunk, steps=S)
+                          g['chain'], chunk, steps=S, x_T=None if legacy else torch.randn((n, *shape), generator=g['x_T']),
+                          ref_generator=None if legacy else g['ref'])
         out['curves'][S] = c
         ts = diff.times(diff.T, 0, S)
-        x_T = torch.randn((min(n, 250), *shape), generator=torch.Generator().manual_seed(EVAL_SEED))
+        x_T = faulttol_start(min(n, 250), shape, streams)
         out['faulttol'][S] = {}
         if not toy and S > 100:   # images: 3 x 2 x 250 chains of 1000 steps would cost ~40 min on a CPU
             continue
         for f in T0_FRACTIONS:
             t0 = min(ts, key=lambda t: abs(t - f * diff.T))
-            ft = fault_tolerance(model, diff, x_T, t0, 0.1, steps=S, kernels=(), batch_size=chunk)
+            ft = fault_tolerance(model, diff, x_T, t0, 0.1, steps=S, kernels=(), batch_size=chunk,
+                                 generators=faulttol_rngs(streams))
             out['faulttol'][S][f] = dict(t=ft['t'], amp=ft['amp'], t0=t0)
     return out
 

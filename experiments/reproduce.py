@@ -98,7 +98,8 @@ def job_steps(a, job):
     mnist = job['dataset'] == 'mnist'
     res.update(P.evaluate_steps(model, diff, cfg, n=a.mnist_n if mnist else a.n_true,
                                 n_select=a.mnist_n // 2 if mnist else min(500, a.n_true),
-                                es_max_steps=100, chunk=250 if mnist else None, n_ref=a.n_ref))
+                                es_max_steps=100, chunk=250 if mnist else None, n_ref=a.n_ref,
+                                streams=a.eval_streams))
     if cfg['reg']:
         res['reg_floor'] = P.reg_floor(cfg)
     if job['seed'] == 0 and job['method'] in ('vanilla', 'reg', 'reg_S20', 'reg_l0.5', 'reg_l0.8'):
@@ -196,6 +197,10 @@ def main():
     p.add_argument('--mnist-n', type=int, default=256, help='MNIST: samples per evaluation')
     p.add_argument('--dtype-check', action='store_true', help='also vanilla toy runs trained and evaluated in bf16 '
                    '(results/dtype/), paired by seed with the fp32 ones: what --dtype auto changes')
+    p.add_argument('--eval-streams', choices=P.STREAMS, default='legacy',
+                   help="evaluation randomness: legacy (how results/steps was evaluated; A(t)'s first z is its x_T), "
+                        'independent (x_T, chain noise, perturbation, reference draws from separate streams; use a '
+                        'fresh REPRO_RESULTS: runs are paired by seed only within one setting)')
     p.add_argument('--report', action='store_true', help='only aggregate and plot what exists')
     p.add_argument('--job', help=argparse.SUPPRESS)
     a = p.parse_args()

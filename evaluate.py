@@ -133,10 +133,10 @@ def run_faulttol(a):
         if bad:
             R.fail(f'--t0 {bad[0]} is not a step of this chain ({a.sampler}, {len(visited) - 1} steps): '
                    f'pick from {visited[:4]} ... {visited[-4:-1]}')
-        x_T = torch.randn((a.n, *cfg['data_shape']), generator=torch.Generator().manual_seed(a.seed))
-        for t0 in a.t0:
-            r = fault_tolerance(model, diff, x_T, t0, a.delta, a.mode, noise_seed=a.seed, kernels=a.kernels,
-                                batch_size=a.chunk, device=device, **chain)
+        x_T = torch.randn((a.n, *cfg['data_shape']), generator=R.eval_rngs(a.seed)['x_T'])
+        for t0 in a.t0:   # every t0: the same x_T and the same z, from streams apart from x_T's
+            r = fault_tolerance(model, diff, x_T, t0, a.delta, a.mode, kernels=a.kernels, batch_size=a.chunk,
+                                device=device, generators=R.eval_rngs(a.seed, device=device), **chain)
             runs.append(dict(r, ckpt=ckpt, label=f'{label}, t0={t0}', dataset=cfg['dataset'], T=diff.T,
                              **chain_settings(a, diff)))
             print(f"{label}: perturbation of RMS {a.delta:g} at t0={t0} ({a.mode}) -> gap at t=0 "

@@ -239,7 +239,8 @@ def _mean_std(x):
 @torch.no_grad()
 def errprop_curve(model, diff, x0_real, n=1000, kernels=('gaussian', 'laplace', 'imq'),
                   estimator='u', t_stride=None, generator=None, batch_size=None, progress=None,
-                  device='cpu', sampler='ddpm', steps=None, eta=0.0, eps_scale=None, return_samples=False):
+                  device='cpu', sampler='ddpm', steps=None, eta=0.0, eps_scale=None, x_T=None,
+                  ref_generator=None, return_samples=False):
     """D_MMD(t) between the backward marginal p_theta(x_t) and the forward q(x_t) at the indices
     the chain visits (sampler / steps / eta / eps_scale as in Diffusion.sample_chain).
 
@@ -247,7 +248,9 @@ def errprop_curve(model, diff, x0_real, n=1000, kernels=('gaussian', 'laplace', 
     t = 0; always the first and the last; t_stride None: all up to 100 steps, else every 10th),
     compares the n backward samples with M = len(x0_real) forward samples x_t = sqrt(abar_t) x_0 +
     sqrt(1 - abar_t) eps drawn afresh (Eq. 1). Computed on the fly: only the current state of the
-    chain is kept. batch_size chunks the network calls (memory).
+    chain is kept. batch_size chunks the network calls (memory). Randomness: x_T (n, ...) or
+    n draws from generator; each step's z from generator; the forward samples from ref_generator
+    (None: generator, one stream for all three, drawn in turn).
     Returns {'t': [...], kernel: [value per t], 'delta', 'std', 'std_q'}: MMD values (not squared);
     return_samples: (that dict, the chain's n final samples x_0), so that one chain also scores S;
     with estimator 'u' a negative MMD^2 estimate is reported as -sqrt(|MMD^2|) so that the
@@ -273,7 +276,7 @@ def errprop_curve(model, diff, x0_real, n=1000, kernels=('gaussian', 'laplace', 
     def measure(t, x):
         if t not in keep:
             return
-        eps = torch.randn(x0_real.shape, generator=generator, device=device)
+        eps = torch.randn(x0_real.shape, generator=ref_generator or generator, device=device)
         y = diff.q_sample(x0_real, t, eps) if t > 0 else x0_real
         out['t'].append(t)
         for k, v in mmd2_many(x, y, kernels, estimator).items():
@@ -286,7 +289,7 @@ def errprop_curve(model, diff, x0_real, n=1000, kernels=('gaussian', 'laplace', 
         if progress is not None:
             progress(t)
 
-    x = torch.randn((n, *x0_real.shape[1:]), generator=generator, device=device)
+    x = torch.randn((n, *x0_real.shape[1:]), generator=generator, device=device) if x_T is None else x_T.to(device)
     x = diff.sample_chain(net, x, diff.T, 0, sampler, steps, generator, measure, eta, eps_scale)
     return (out, x) if return_samples else out
 
@@ -296,13 +299,13 @@ def errprop_curve(model, diff, x0_real, n=1000, kernels=('gaussian', 'laplace', 
 @torch.no_grad()
 def fault_tolerance(model, diff, x_T, t0, delta, mode='iso', sampler='ddpm', steps=None, eta=0.0,
                     eps_scale=None, noise_seed=0, kernels=('gaussian',), batch_size=None,
-                    device='cpu'):
+                    device='cpu', generators=None):
     """Follow the gap between two chains that differ only by a perturbation injected at t0.
 
     Both chains start from the same x_T (n, ...) and share the noise z of every step: one chain of
     n runs through sample_chain, and when it reaches the visited index t0 a perturbed copy
     x_t0 + e with RMS(e) = delta joins the batch (a noise callable draws n and repeats it):
-      'iso'  : e isotropic Gaussian (its own generator, seed noise_seed + 1);
+      'iso'  : e isotropic Gaussian (its own generator);
       'model': e along the model's own eps_theta(x_t0, t0) (per sample, scaled to RMS delta over
                the batch). This is the direction of the error that epsilon scaling (ADM-ES)
                corrects: a step run with eps / lambda instead of eps moves its output by
@@ -312,8 +315,13 @@ def fault_tolerance(model, diff, x_T, t0, delta, mode='iso', sampler='ddpm', ste
     the perturbed and unperturbed sets (signed sqrt of the unbiased MMD^2, as errprop_curve).
     t0 may be a list: every t0 gets its own copy, forked from the one shared unperturbed chain
     (the same numbers as separate calls, for n (T + sum_t0 t0) network rows instead of
-    2 n T per call). Returns dict(t, gap, amp, mmd={kernel: [...]}, and the settings), or for a
-    list of t0 the list of those dicts.
+    2 n T per call).
+    Randomness: generators {'chain': z of every step, 'perturb': e} (runtime.eval_rngs: streams
+    apart from the one x_T came from); None: the old seeds noise_seed and noise_seed + 1, with which
+    an x_T drawn from manual_seed(noise_seed) IS the first step's z. Every t0's e is drawn from the
+    perturb stream's starting state, as a call of its own would draw it.
+    Returns dict(t, gap, amp, mmd={kernel: [...]}, and the settings), or for a list of t0 the
+    list of those dicts.
     """
     if delta < 0:
         raise ValueError(f'delta is the RMS of the perturbation: must be >= 0, got {delta}')
@@ -328,7 +336,11 @@ def fault_tolerance(model, diff, x_T, t0, delta, mode='iso', sampler='ddpm', ste
                              f'{ts[:3]} ... {ts[-3:]} (times(T, 0, steps={steps}); t0 >= 1 for mode "model")')
     x_T = x_T.to(device)
     n = len(x_T)
-    g = torch.Generator(device=device).manual_seed(noise_seed)
+    if generators is None:
+        generators = {k: torch.Generator(device=device).manual_seed(noise_seed + i)
+                      for i, k in enumerate(('chain', 'perturb'))}
+    g, gp = generators['chain'], generators['perturb']
+    perturb_start = gp.get_state()
     net = chunked(model, batch_size) if batch_size else model
 
     def noise(shape):   # the same z for every copy
@@ -343,8 +355,8 @@ def fault_tolerance(model, diff, x_T, t0, delta, mode='iso', sampler='ddpm', ste
         a = x[:n]
         if t in outs:
             if mode == 'iso':
-                gi = torch.Generator(device=device).manual_seed(noise_seed + 1)
-                e = torch.randn(a.shape, generator=gi, device=device)
+                gp.set_state(perturb_start)
+                e = torch.randn(a.shape, generator=gp, device=device)
             else:   # (a scale lambda would not change the direction)
                 e = diff.eps(net, a, t)
             x = torch.cat([x, a + e * (delta / e.float().pow(2).mean().sqrt().clamp(min=1e-30))])

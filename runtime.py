@@ -159,6 +159,17 @@ def rng(seed, stream, *index, device='cpu'):
     return torch.Generator(device).manual_seed(seed_of(seed, stream, *index))
 
 
+def eval_rngs(seed, legacy=False, device='cpu'):
+    """An evaluation's streams of run `seed`, one per purpose, all distinct: 'x_T' (the chains'
+    start, on the CPU: the same x_T on every device), 'chain' (each step's z), 'perturb' (the error
+    fault_tolerance injects), 'ref' (D_MMD's forward samples). legacy: the shared seeds results/steps
+    was evaluated with, where x_T and the first step's z are one tensor (manual_seed(seed) both)."""
+    if legacy:
+        return {p: torch.Generator('cpu' if p == 'x_T' else device).manual_seed(seed + (p == 'perturb'))
+                for p in ('x_T', 'chain', 'perturb', 'ref')}
+    return {p: rng(seed, 'eval-' + p, device='cpu' if p == 'x_T' else device) for p in ('x_T', 'chain', 'perturb', 'ref')}
+
+
 # ---- device and torchrun ---------------------------------------------------------------------
 def setup_device(device='auto', distributed=True):
     """(device, rank, world). 'auto': cuda:LOCAL_RANK when CUDA is there, else cpu. Under torchrun

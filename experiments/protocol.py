@@ -45,6 +45,7 @@ STEPS = (10, 20, 50, 100, 1000)
 CURVE_STEPS = (20, 1000)
 ES_GRID = (1.0, 1.005, 1.01, 1.02, 1.05, 1.1, 1.2, 1.3, 1.5)   # brackets the best B at every S on the toy sets
 T0_FRACTIONS = (0.9, 0.5, 0.1)
+STREAMS = ('legacy', 'independent')   # evaluation randomness: see evaluate_steps
 N_REF = 2000   # toy: fresh true draws the samples are scored against (--n-ref)
 SAMPLE_SEED, SELECT_SEED, FRESH_SEED, SELECT_FRESH_SEED, EVAL_SEED = 1, 3, 99991, 2, 0
 REGIMES = {'T1000': ['--T', '1000'], 'T50': ['--T', '50']}
@@ -163,13 +164,21 @@ class ClassifierMetric:
         return dict(mmd=None, fd=s['fd'], kid=s['kid'])
 
 
-def chain_samples(model, diff, n, shape, sampler, S, b, seed, chunk=None):
+def chain_samples(model, diff, n, shape, sampler, S, b, seed, chunk=None, streams='legacy'):
+    """n samples (n, *shape) of the S-step chain with eps / b. Chunks (image memory) get their own
+    streams: legacy, one per chunk for x_T and then z (in turn, never the same tensor);
+    independent, runtime.eval_rngs' 'x_T' and 'chain' streams of the chunk."""
     lam = None if b == 1.0 else eps_scale_schedule(diff.T, b, 0.0, S)
     out = []
-    for i, m in enumerate(range(0, n, chunk or n)):   # chunks: image memory; one seeded stream each
-        g = torch.Generator().manual_seed(R.seed_of(seed, 'steps-sample', i))
-        out.append(diff.sample(model, (min(chunk or n, n - m), *shape), sampler=sampler, steps=S,
-                               eps_scale=lam, generator=g))
+    for i, m in enumerate(range(0, n, chunk or n)):
+        size = (min(chunk or n, n - m), *shape)
+        if streams == 'legacy':
+            g = torch.Generator().manual_seed(R.seed_of(seed, 'steps-sample', i))
+            out.append(diff.sample(model, size, sampler=sampler, steps=S, eps_scale=lam, generator=g))
+        else:
+            g = R.eval_rngs(R.seed_of(seed, 'steps-sample', i))
+            out.append(diff.sample_chain(model, torch.randn(size, generator=g['x_T']), diff.T, 0, sampler, S,
+                                         g['chain'], eps_scale=lam))
     return torch.cat(out)
 
 
@@ -198,15 +207,31 @@ def es_search(score, grid):
     return min(seen, key=seen.get), seen
 
 
+def faulttol_start(n, shape, streams='legacy'):
+    """A(t)'s common x_T (n, *shape): EVAL_SEED's 'x_T' stream (runtime.eval_rngs)."""
+    return torch.randn((n, *shape), generator=R.eval_rngs(EVAL_SEED, streams == 'legacy')['x_T'])
+
+
+def faulttol_rngs(streams='legacy'):
+    """A(t)'s chain and perturbation streams, fresh for every t0 (the same z at every t0)."""
+    return R.eval_rngs(EVAL_SEED, streams == 'legacy')
+
+
 @torch.no_grad()
 def evaluate_steps(model, diff, cfg, n=1000, n_select=500, es_max_steps=100, chunk=None, curves=True,
-                   n_ref=N_REF, fast=True):
+                   n_ref=N_REF, fast=True, streams='legacy'):
     """The final metric at every S <= T for both samplers, plain and with epsilon scaling; D_MMD(t)
     and A(t) at CURVE_STEPS. Returns a dict for results/steps/NAME.json.
     fast (the default): the ES scale by es_search (5 of 9 grid scores), the ancestral chain of a
     curve at S > es_max_steps also gives that S's plain final metric, and A(t)'s three t0 fork from
     one unperturbed chain; fast=False: how results/steps was evaluated (the whole grid, separate
-    chains for the final metric, one chain pair per t0)."""
+    chains for the final metric, one chain pair per t0).
+    streams (STREAMS): 'legacy', the evaluation randomness results/steps was computed with (kept
+    so that its runs, paired by seed, stay reproducible bit for bit and resumable; in A(t) the
+    first step's z IS x_T); 'independent', every stream from runtime.eval_rngs(seed), apart."""
+    if streams not in STREAMS:
+        raise ValueError(f'streams must be one of {STREAMS}, got {streams!r}')
+    legacy = streams == 'legacy'
     toy = D.is_toy(cfg['dataset'])
     shape = tuple(cfg['data_shape'])
     score = ToyMetric(cfg['dataset'], FRESH_SEED, n_ref) if toy else ClassifierMetric(cfg)
@@ -214,7 +239,8 @@ def evaluate_steps(model, diff, cfg, n=1000, n_select=500, es_max_steps=100, chu
     key = 'mmd' if toy else 'fd'
     out = dict(metric=f'toy: MMD (gaussian, unbiased, signed sqrt) vs {n_ref} fresh true draws' if toy
                else 'MNIST: classifier-feature FD and KID vs the training set', n=n, n_select=n_select,
-               es_grid=ES_GRID, eval='fast' if fast else 'grid', **({'n_ref': n_ref} if toy else {}))
+               es_grid=ES_GRID, eval='fast' if fast else 'grid', **({'n_ref': n_ref} if toy else {}),
+               **({} if legacy else {'eval_streams': streams}))
     if not toy:
         out['classifier'] = score.info
     shared = {}   # S -> the final samples of that S's D_MMD(t) chain, where they serve as the plain ones
@@ -224,34 +250,39 @@ def evaluate_steps(model, diff, cfg, n=1000, n_select=500, es_max_steps=100, chu
                                    cfg['seed'])
             out['curves'], out['faulttol'] = {}, {}
             for S in [s for s in CURVE_STEPS if s <= diff.T]:
-                out['curves'][S], x = errprop_curve(model, diff, x0, n, ('gaussian', 'laplace'), 'u',
-                                                    None if S <= 100 else S // 10,
-                                                    torch.Generator().manual_seed(EVAL_SEED), chunk, steps=S,
-                                                    return_samples=True)
+                g = R.eval_rngs(EVAL_SEED, legacy)   # legacy: one generator for x_T, z and the forward samples
+                out['curves'][S], x = errprop_curve(
+                    model, diff, x0, n, ('gaussian', 'laplace'), 'u', None if S <= 100 else S // 10, g['chain'], chunk,
+                    steps=S, x_T=None if legacy else torch.randn((n, *shape), generator=g['x_T']),
+                    ref_generator=None if legacy else g['ref'], return_samples=True)
                 if fast and S > es_max_steps:
                     shared[S] = x
                 out['faulttol'][S] = {}
                 if not toy and S > 100:   # images: 3 x 2 x 250 chains of 1000 steps would cost ~40 min on a CPU
                     continue
                 ts = diff.times(diff.T, 0, S)
-                x_T = torch.randn((min(n, 250), *shape), generator=torch.Generator().manual_seed(EVAL_SEED))
+                x_T = faulttol_start(min(n, 250), shape, streams)
                 t0s = [min(ts, key=lambda t: abs(t - f * diff.T)) for f in T0_FRACTIONS]
-                fts = (fault_tolerance(model, diff, x_T, t0s, 0.1, steps=S, kernels=(), batch_size=chunk) if fast else
-                       [fault_tolerance(model, diff, x_T, t0, 0.1, steps=S, kernels=(), batch_size=chunk) for t0 in t0s])
+                fts = (fault_tolerance(model, diff, x_T, t0s, 0.1, steps=S, kernels=(), batch_size=chunk,
+                                       generators=faulttol_rngs(streams)) if fast else
+                       [fault_tolerance(model, diff, x_T, t0, 0.1, steps=S, kernels=(), batch_size=chunk,
+                                        generators=faulttol_rngs(streams)) for t0 in t0s])
                 out['faulttol'][S] = {f: dict(t=ft['t'], amp=ft['amp'], t0=ft['t0']) for f, ft in zip(T0_FRACTIONS, fts)}
         rows = []
         for sampler in ('ddpm', 'ddim'):
             for S in [s for s in STEPS if s <= diff.T]:
                 x = shared.get(S) if sampler == 'ddpm' else None
-                plain = score(x if x is not None else chain_samples(model, diff, n, shape, sampler, S, 1.0, SAMPLE_SEED, chunk))
+                plain = score(x if x is not None else
+                              chain_samples(model, diff, n, shape, sampler, S, 1.0, SAMPLE_SEED, chunk, streams))
                 row = dict(sampler=sampler, steps=S, **plain)
                 if S <= es_max_steps:   # pick the scale on other samples and other reference data
                     def sel(b):
-                        return select(chain_samples(model, diff, n_select, shape, sampler, S, b, SELECT_SEED, chunk))[key]
-                    best, grid = es_search(sel, ES_GRID) if fast else (None, {b: sel(b) for b in ES_GRID})
+                        return select(chain_samples(model, diff, n_select, shape, sampler, S, b, SELECT_SEED, chunk,
+                                                    streams))[key]
+                    grid = es_search(sel, ES_GRID)[1] if fast else {b: sel(b) for b in ES_GRID}
                     best = min(grid, key=grid.get)
                     es = plain if best == 1.0 else score(chain_samples(model, diff, n, shape, sampler, S, best,
-                                                                       SAMPLE_SEED, chunk))
+                                                                       SAMPLE_SEED, chunk, streams))
                     row.update(es_scale=best, es_grid=[grid.get(b) for b in ES_GRID],
                                **{k + '_es': v for k, v in es.items()})
                 rows.append(row)
@@ -308,7 +339,9 @@ def flat_metrics(res):
 def dtype_summary():
     """results/dtype_toy.json: per data set and regime, the bf16 runs (--dtype-check) against the
     fp32 runs of the same seed: per reported metric the largest |mean paired difference| over its
-    cells, the fp32 seed std there, and how many cells' mean difference exceeds 2 standard errors."""
+    cells, the fp32 seed std there, how many cells' 95 % paired t interval excludes 0, and how many
+    stay at Holm-adjusted p < 0.05 over that metric's cells (metrics/stats.py)."""
+    from metrics import stats as ST
     out = {}
     for f in sorted(os.listdir(os.path.join(RES, 'dtype'))):
         r = read_json(os.path.join(RES, 'dtype', f))
@@ -318,17 +351,20 @@ def dtype_summary():
             out.setdefault(key, []).append((flat_metrics(r), flat_metrics(read_json(pair))))
     summary = {}
     for key, pairs in out.items():
-        groups = {}
+        groups, tests = {}, {}
         for cell in pairs[0][1]:
-            d = np.array([b[cell] - a[cell] for b, a in pairs if cell in b])
+            d = [b[cell] - a[cell] for b, a in pairs if cell in b]
             if len(d) < 2:
                 continue
-            se, std32 = d.std(ddof=1) / np.sqrt(len(d)), float(np.std([a[cell] for _, a in pairs], ddof=1))
-            g = groups.setdefault(cell[0], dict(cells=0, beyond_2se=0, max_abs_mean_diff=0.0))
+            t, std32 = ST.paired(d), float(np.std([a[cell] for _, a in pairs], ddof=1))
+            g = groups.setdefault(cell[0], dict(cells=0, ci_excludes_0=0, holm_below_0_05=0, max_abs_mean_diff=0.0))
             g['cells'] += 1
-            g['beyond_2se'] += int(abs(d.mean()) > 2 * se)
-            if abs(d.mean()) >= g['max_abs_mean_diff']:
-                g.update(max_abs_mean_diff=float(abs(d.mean())), at=str(cell[1:]), fp32_seed_std_there=std32)
+            g['ci_excludes_0'] += int(t['ci'][0] > 0 or t['ci'][1] < 0)
+            tests.setdefault(cell[0], []).append(t['p'])
+            if abs(t['mean']) >= g['max_abs_mean_diff']:
+                g.update(max_abs_mean_diff=float(abs(t['mean'])), at=str(cell[1:]), fp32_seed_std_there=std32)
+        for name, ps in tests.items():
+            groups[name]['holm_below_0_05'] = sum(q < 0.05 for q in ST.holm(ps))
         summary[key] = dict(seeds=len(pairs), metrics=groups)
     R.write_json(os.path.join(RES, 'dtype_toy.json'), summary)
     return summary

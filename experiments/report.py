@@ -14,7 +14,10 @@ import torch
 
 import data as D
 import runtime as R
+from metrics import stats as ST
 from experiments.protocol import RES, CURVE_STEPS, FRESH_SEED, METHODS, N_REF, REGIMES, STEPS, T0_FRACTIONS, ClassifierMetric, ToyMetric
+
+ALPHA = 0.05   # family-wise error rate per table (Holm)
 
 
 def load_steps(res_dir):
@@ -36,12 +39,37 @@ def load_steps(res_dir):
 
 
 def stat(xs, diff=False):
-    """mean, std over seeds; for a paired difference (diff) also whether |mean| > 2 std / sqrt(n)."""
+    """mean, std over seeds; for a paired difference (diff) also its 95 % t interval (ci) and the
+    paired t-test's p (metrics/stats.py). Whether it is marked is decided per table (mark)."""
     xs = [x for x in xs if x is not None]
     if not xs:
         return None
+    if diff:
+        r = ST.paired(xs)
+        return dict(mean=r['mean'], std=0.0 if r['n'] < 2 else r['std'], n=r['n'], diff=True, ci=list(r['ci']),
+                    p=r['p'], sig=False)
     m, s = float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
-    return dict(mean=m, std=s, n=len(xs), diff=diff, sig=diff and len(xs) > 1 and abs(m) > 2 * s / math.sqrt(len(xs)))
+    return dict(mean=m, std=s, n=len(xs), diff=False, sig=False)
+
+
+def mark(cells, alpha=ALPHA):
+    """One table's paired cells (stat dicts, None skipped) as one family: Holm-adjusted p
+    (p_holm) and sig = p_holm < alpha. Returns the table's note: m, and the smallest mean
+    difference detectable with 80 % power at Holm's first step (alpha / m) in units of a cell's
+    paired std, with its median over the cells in the metric's units."""
+    cells = [c for c in cells if c and c.get('diff')]
+    for c, q in zip(cells, ST.holm([c['p'] for c in cells])):
+        c.update(p_holm=q, sig=bool(q < alpha))   # NaN (n < 2) is never marked
+    tested = [c for c in cells if not math.isnan(c['p_holm'])]
+    if not tested:
+        return dict(m=0, note='')
+    m, n = len(tested), int(np.median([c['n'] for c in tested]))
+    k = ST.min_detectable(1.0, n, alpha / m)
+    med = float(np.median([ST.min_detectable(c['std'], c['n'], alpha / m) for c in tested]))
+    note = (f'* = Holm-adjusted paired t-test p < {alpha:g} over this table\'s m = {m} cells '
+            f'({sum(c["sig"] for c in tested)} marked). Smallest detectable |mean difference| (80 % power, '
+            f'alpha = {alpha:g} / {m}, n = {n}): {k:.2f} x a cell\'s paired std, median over the cells {med:.4f}.')
+    return dict(m=m, marked=sum(c['sig'] for c in tested), k_std=k, median_min_detectable=med, note=note)
 
 
 def fmt(st, digits=4):
@@ -78,6 +106,25 @@ def paired(runs, base, key, sampler, S, base_key=None):
     return stat(out, diff=True)
 
 
+def final_table(runs, ds, key, cols):
+    """The final metric against S, one family for Holm: {(regime, sampler, S): dict(vanilla=stat of
+    vanilla's value, cells={'vanilla+ES' | method | method+ES: paired stat against vanilla})}, and
+    the table's note (mark)."""
+    table = {}
+    for rg in REGIMES:
+        base = runs.get((ds, rg, 'vanilla'), [])
+        for sampler in ('ddpm', 'ddim'):
+            for S in STEPS:
+                if not base or not row_of(base[0], sampler, S):
+                    continue
+                cells = [paired(base, base, key + '_es', sampler, S, key)]
+                cells += [paired(runs.get((ds, rg, m), []), base, key, sampler, S) for m in cols]
+                cells += [paired(runs.get((ds, rg, m), []), base, key + '_es', sampler, S, key) for m in cols]
+                table[(rg, sampler, S)] = dict(vanilla=stat([row_of(r, sampler, S)[key] for r in base]), cells=dict(
+                    zip(['vanilla+ES'] + cols + [c + '+ES' for c in cols], cells)))
+    return table, mark([c for v in table.values() for c in v['cells'].values()])
+
+
 def report_steps(a):
     import matplotlib
     matplotlib.use('Agg')
@@ -89,7 +136,8 @@ def report_steps(a):
     key = {ds: 'mmd' if D.is_toy(ds) else 'fd' for ds, _, _ in runs}
     summary, md = dict(final={}, shape={}, reg={}, cost=timing), []
     md.append('Paired differences to vanilla at the same seed (negative = better), mean ± std over seeds '
-              '(n = 5 unless shown); * = |mean| > 2 std / sqrt(n). "+ES": after epsilon scaling.')
+              f'(n = 5 unless shown); * = paired t-test p < {ALPHA:g} after Holm\'s correction over the cells of '
+              'its table (metrics/stats.py). "+ES": after epsilon scaling.')
     for ds in sorted({k[0] for k in runs}):
         first = next(rs[0] for k, rs in runs.items() if k[0] == ds)
         floor = final_floor(ds, first['n'], cfg=first['config'], n_ref=first.get('n_ref', N_REF))
@@ -98,23 +146,16 @@ def report_steps(a):
         md += headline(ds, runs, key[ds], methods, timing.get(ds), floor)
         md.append(f'\n### {ds}: final {key[ds]} against S' + (f" (perfect-model floor {fmt(floor)})" if floor else ''))
         cols = [m for m in methods if m != 'vanilla']
-        md.append('| T | sampler | S | vanilla | vanilla+ES | ' + ' | '.join(cols) + ' | ' +
-                  ' | '.join(c + '+ES' for c in cols) + ' |')
-        md.append('|' + '---|' * (5 + 2 * len(cols)))
-        for rg in REGIMES:
-            base = runs.get((ds, rg, 'vanilla'), [])
-            for sampler in ('ddpm', 'ddim'):
-                for S in STEPS:
-                    if not base or not row_of(base[0], sampler, S):
-                        continue
-                    van = stat([row_of(r, sampler, S)[key[ds]] for r in base])
-                    cells = [paired(base, base, key[ds] + '_es', sampler, S, key[ds])]
-                    cells += [paired(runs.get((ds, rg, m), []), base, key[ds], sampler, S) for m in cols]
-                    cells += [paired(runs.get((ds, rg, m), []), base, key[ds] + '_es', sampler, S, key[ds])
-                              for m in cols]
-                    summary['final'][f'{ds}/{rg}/{sampler}/{S}'] = dict(vanilla=van, cells=dict(zip(
-                        ['vanilla+ES'] + cols + [c + '+ES' for c in cols], cells)))
-                    md.append(f"| {rg[1:]} | {sampler} | {S} | {fmt(van)} | " + ' | '.join(map(fmt, cells)) + ' |')
+        names = ['vanilla+ES'] + cols + [c + '+ES' for c in cols]
+        md.append('| T | sampler | S | vanilla | ' + ' | '.join(names) + ' |')
+        md.append('|' + '---|' * (4 + len(names)))
+        table, note = final_table(runs, ds, key[ds], cols)
+        for (rg, sampler, S), v in table.items():
+            summary['final'][f'{ds}/{rg}/{sampler}/{S}'] = v
+            md.append(f"| {rg[1:]} | {sampler} | {S} | {fmt(v['vanilla'])} | " +
+                      ' | '.join(fmt(v['cells'][c]) for c in names) + ' |')
+        md.append('\n' + note['note'])
+        summary['final'][f'{ds}/table'] = note
         # shape: D_MMD(0) of the ancestral chain and A(0) of an error injected at 0.9 T / 0.5 T / 0.1 T
         md.append(f'\n### {ds}: shape of D_MMD(t) (laplace kernel, value at t = 0 and max over t) and '
                   'amplification A(0) of an error (RMS 0.1) injected at t0, ancestral chain; mean over seeds')
@@ -179,18 +220,28 @@ def headline(ds, runs, key, methods, timing, floor):
                   f" | {fmt(amp(runs.get((ds, 'T1000', 'vanilla'), [])), 3)} |")
         if floor:
             md.append('| perfect model (value) | - | ' + ' | '.join(fmt(floor) for _ in HEADLINE) + ' | - |')
-        for m in methods:
+        rows, note = headline_table(runs, ds, key, methods, sampler)
+        for m, es, cells in rows:
             timed = 'reg' if m.startswith('reg_l') else m.replace('_eqtime', '')   # lambda does not change the cost
             ratio = (timing or {}).get('methods', {}).get(timed, {}).get('ratio')
-            for es in ([False, True] if m != 'vanilla' else [True]):
-                cells = [paired(runs.get((ds, rg, m), []), runs.get((ds, rg, 'vanilla'), []),
-                                key + ('_es' if es else ''), sampler, S, key) for rg, S in HEADLINE]
-                if not any(cells):
-                    continue
-                a = amp(runs.get((ds, 'T1000', m), [])) if not es else None
-                md.append(f"| {m}{' + ES' if es else ''} | {'-' if ratio is None or es else f'{ratio:.2f}'} | " +
-                          ' | '.join(map(fmt, cells)) + f" | {fmt(a, 3) if a else '-'} |")
+            a = amp(runs.get((ds, 'T1000', m), [])) if not es else None
+            md.append(f"| {m}{' + ES' if es else ''} | {'-' if ratio is None or es else f'{ratio:.2f}'} | " +
+                      ' | '.join(map(fmt, cells)) + f" | {fmt(a, 3) if a else '-'} |")
+        md.append('\n' + note['note'])
     return md
+
+
+def headline_table(runs, ds, key, methods, sampler):
+    """The headline table's paired cells, one family for Holm: [(method, with ES, [paired stat
+    against vanilla per HEADLINE regime and S])] (rows with no cell left out), and its note (mark)."""
+    rows = []
+    for m in methods:
+        for es in ([False, True] if m != 'vanilla' else [True]):
+            cells = [paired(runs.get((ds, rg, m), []), runs.get((ds, rg, 'vanilla'), []),
+                            key + ('_es' if es else ''), sampler, S, key) for rg, S in HEADLINE]
+            if any(cells):
+                rows.append((m, es, cells))
+    return rows, mark([c for _, _, cells in rows for c in cells])
 
 
 def reg_signal(runs):

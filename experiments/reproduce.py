@@ -100,7 +100,7 @@ def job_steps(a, job):
     res.update(P.evaluate_steps(model, diff, cfg, n=a.mnist_n if mnist else a.n_true,
                                 n_select=a.mnist_n // 2 if mnist else min(500, a.n_true),
                                 es_max_steps=100, chunk=250 if mnist else None, n_ref=a.n_ref,
-                                fast=a.eval == 'fast'))
+                                fast=a.eval == 'fast', streams=a.eval_streams))
     if cfg['reg']:
         res['reg_floor'] = P.reg_floor(cfg)
     if job['seed'] == 0 and job['method'] in ('vanilla', 'reg', 'reg_S20', 'reg_l0.5', 'reg_l0.8'):
@@ -224,6 +224,10 @@ def main():
     p.add_argument('--eval', choices=('grid', 'fast'), default='grid',
                    help="grid: how results/steps was evaluated (its tables pair runs on it); fast: the ES "
                         "scale by golden-section search and shared chains (protocol.evaluate_steps), for new tables")
+    p.add_argument('--eval-streams', choices=P.STREAMS, default='legacy',
+                   help="evaluation randomness: legacy (how results/steps was evaluated; A(t)'s first z is its x_T), "
+                        'independent (x_T, chain noise, perturbation, reference draws from separate streams; use a '
+                        'fresh REPRO_RESULTS: runs are paired by seed only within one setting)')
     p.add_argument('--report', action='store_true', help='only aggregate and plot what exists')
     p.add_argument('--job', help=argparse.SUPPRESS)
     a = p.parse_args()

@@ -61,6 +61,12 @@ METHODS = {   # name -> train.py flags, in the order of the tables
                      '--reg-weight', 'uniform'],   # close to the authors' released code (README)
 }
 TOY_SETS = ('8gaussians', 'swissroll')
+# the strength sweep (--sweep): weight of the regulariser relative to Algorithm 1's literal sum_t w_t = 1
+# (sum1, lambda_reg 0.2), which mean1 multiplies by T; every arm draws Algorithm 1's second batch
+SWEEP = {'lit': ['--reg', '--reg-norm', 'sum1'],   # = mean1 at lambda_reg 0.2 / T
+         'm0.002': ['--reg', '--lambda-reg', '0.002'], 'm0.02': ['--reg', '--lambda-reg', '0.02'],
+         'm0.2': ['--reg'],   # the paper's lambda_reg under mean1 (results/steps' reg, but a second batch)
+         'released': ['--reg', '--reg-stat', 'mmd2', '--lambda-nll', '1', '--lambda-reg', '1', '--reg-weight', 'uniform']}
 TOY_DTYPE = ['--dtype', 'fp32']   # how results/steps' toy models were trained, before --dtype auto
 
 
@@ -74,8 +80,9 @@ def read_json(path):
 
 
 def result_path(name):
-    """The file whose existence means job `name` is done (dtype_*: results/dtype/, beside the tables)."""
-    return os.path.join(RES, 'dtype' if name.startswith('dtype_') else 'steps', name + '.json')
+    """The file whose existence means job `name` is done (dtype_* / sweep_*: results/dtype|sweep/)."""
+    family = name.split('_')[0]
+    return os.path.join(RES, family if family in ('dtype', 'sweep') else 'steps', name + '.json')
 
 
 def job_list(a):
@@ -117,6 +124,14 @@ def job_list(a):
                                      regime=rg, variant=f'{rg}_vanilla', method='vanilla', seed=seed,
                                      steps=a.max_steps, deps=[], eval_dtype='bf16',
                                      flags=REGIMES[rg] + ['--dtype', 'bf16'], pair=f'steps_{ds}_{rg}_vanilla_s{seed}'))
+    if getattr(a, 'sweep', False):   # issue 28: the regulariser's strength over four decades, Algorithm 1's
+        for rg in REGIMES:             # second batch, paired by seed with the vanilla runs above
+            for seed in a.seeds:
+                for arm, fl in SWEEP.items():
+                    jobs.append(dict(name=f'sweep_8gaussians_{rg}_{arm}_s{seed}', kind='steps', dataset='8gaussians',
+                                     regime=rg, variant=f'{rg}_{arm}', method=arm, seed=seed, steps=a.max_steps,
+                                     deps=[], flags=REGIMES[rg] + fl + TOY_DTYPE,
+                                     pair=f'steps_8gaussians_{rg}_vanilla_s{seed}'))
     if a.mnist:   # T = 50 first: where the toy sets show the regulariser doing something
         fl = mnist_flags(a) + ['--dtype', 'bf16']   # bf16 trains as well as fp32 (results/paper1000/runs/mnist_dtype_*)
         for group in ((('T50', 'vanilla'), ('T50', 'reg')), (('T50', 'ip'), ('T50', 'sa'))):
@@ -336,18 +351,19 @@ def flat_metrics(res):
     return out
 
 
-def dtype_summary():
-    """results/dtype_toy.json: per data set and regime, the bf16 runs (--dtype-check) against the
-    fp32 runs of the same seed: per reported metric the largest |mean paired difference| over its
+def dtype_summary(family='dtype'):
+    """results/{family}_toy.json: per data set and regime (sweep: and arm), the bf16 runs
+    (--dtype-check) or the strength sweep's arms (--sweep) against the vanilla fp32 runs of the
+    same seed: per reported metric the largest |mean paired difference| over its
     cells, the fp32 seed std there, how many cells' 95 % paired t interval excludes 0, and how many
     stay at Holm-adjusted p < 0.05 over that metric's cells (metrics/stats.py)."""
     from metrics import stats as ST
     out = {}
-    for f in sorted(os.listdir(os.path.join(RES, 'dtype'))):
-        r = read_json(os.path.join(RES, 'dtype', f))
+    for f in sorted(os.listdir(os.path.join(RES, family))):
+        r = read_json(os.path.join(RES, family, f))
         pair = result_path(r['job']['pair'])
         if os.path.isfile(pair):
-            key = f"{r['job']['dataset']}_{r['job']['regime']}"
+            key = f"{r['job']['dataset']}_{r['job']['regime']}" + ('' if family == 'dtype' else f"_{r['job']['method']}")
             out.setdefault(key, []).append((flat_metrics(r), flat_metrics(read_json(pair))))
     summary = {}
     for key, pairs in out.items():
@@ -362,9 +378,10 @@ def dtype_summary():
             g['ci_excludes_0'] += int(t['ci'][0] > 0 or t['ci'][1] < 0)
             tests.setdefault(cell[0], []).append(t['p'])
             if abs(t['mean']) >= g['max_abs_mean_diff']:
-                g.update(max_abs_mean_diff=float(abs(t['mean'])), at=str(cell[1:]), fp32_seed_std_there=std32)
+                g.update(max_abs_mean_diff=float(abs(t['mean'])), mean_diff=float(t['mean']), at=str(cell[1:]),
+                         fp32_seed_std_there=std32)
         for name, ps in tests.items():
             groups[name]['holm_below_0_05'] = sum(q < 0.05 for q in ST.holm(ps))
         summary[key] = dict(seeds=len(pairs), metrics=groups)
-    R.write_json(os.path.join(RES, 'dtype_toy.json'), summary)
+    R.write_json(os.path.join(RES, f'{family}_toy.json'), summary)
     return summary

@@ -103,7 +103,7 @@ def job_steps(a, job):
                                 fast=a.eval == 'fast', streams=a.eval_streams))
     if cfg['reg']:
         res['reg_floor'] = P.reg_floor(cfg)
-    if job['seed'] == 0 and job['method'] in ('vanilla', 'reg', 'reg_S20', 'reg_l0.5', 'reg_l0.8'):
+    if job['seed'] == 0 and job['method'] in ('vanilla', 'reg', 'reg_S20', 'reg_l0.5', 'reg_l0.8', *P.SWEEP):
         tmp = result_path(job['name']) + '.reg_grad.json'
         bench('--what', 'reg-grad', '--ckpt', out, '--json', tmp)
         res['reg_grad'] = read_json(tmp)['reg_grad']
@@ -228,6 +228,8 @@ def main():
                    help="evaluation randomness: legacy (how results/steps was evaluated; A(t)'s first z is its x_T), "
                         'independent (x_T, chain noise, perturbation, reference draws from separate streams; use a '
                         'fresh REPRO_RESULTS: runs are paired by seed only within one setting)')
+    p.add_argument('--sweep', action='store_true', help="only the regulariser's strength sweep on 8gaussians "
+                   '(results/sweep/, summary results/sweep_toy.json), paired by seed with the vanilla runs')
     p.add_argument('--report', action='store_true', help='only aggregate and plot what exists')
     p.add_argument('--job', help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -241,10 +243,11 @@ def main():
             R.fail(f'no job {a.job}')
         dict(timing=job_timing, steps=job_steps)[job['kind']](a, job)
         return
-    if a.dtype_check:   # only the bf16 pairs: the step-count tables stay as they are
-        a.only = ['dtype_']
+    if a.dtype_check or a.sweep:   # only these pairs: the step-count tables stay as they are
+        family = 'dtype' if a.dtype_check else 'sweep'
+        a.only = [family + '_']
         schedule(a)
-        print(json.dumps(P.dtype_summary(), indent=1))
+        print(json.dumps(P.dtype_summary(family), indent=1))
         return
     from experiments.report import report_steps   # matplotlib only where a report is drawn
     if not a.report:

@@ -124,6 +124,13 @@ def job_list(a):
                                      regime=rg, variant=f'{rg}_vanilla', method='vanilla', seed=seed,
                                      steps=a.max_steps, deps=[], eval_dtype='bf16',
                                      flags=REGIMES[rg] + ['--dtype', 'bf16'], pair=f'steps_{ds}_{rg}_vanilla_s{seed}'))
+        if a.mnist:   # MNIST's protocol runs train in bf16: fp32-trained twins, evaluated as they were
+            for seed in a.seeds[:3]:
+                jobs.append(dict(name=f'dtype_mnist_T50_vanilla_fp32_s{seed}', kind='steps', dataset='mnist',
+                                 regime='T50', variant='T50_vanilla', method='vanilla', seed=seed,
+                                 steps=a.mnist_max_steps, deps=[], reference_is_bf16=True,
+                                 flags=REGIMES['T50'] + mnist_flags(a) + ['--dtype', 'fp32'],
+                                 pair=f'steps_mnist_T50_vanilla_s{seed}'))
     if getattr(a, 'sweep', False):   # issue 28: the regulariser's strength over four decades, Algorithm 1's
         for rg in REGIMES:             # second batch, paired by seed with the vanilla runs above
             for seed in a.seeds:
@@ -352,9 +359,10 @@ def flat_metrics(res):
 
 
 def dtype_summary(family='dtype'):
-    """results/{family}_toy.json: per data set and regime (sweep: and arm), the bf16 runs
-    (--dtype-check) or the strength sweep's arms (--sweep) against the vanilla fp32 runs of the
-    same seed: per reported metric the largest |mean paired difference| over its
+    """results/{family}_toy.json (and _mnist.json): per data set and regime (sweep: and arm), the
+    bf16 runs (--dtype-check) or the strength sweep's arms (--sweep) against the vanilla fp32 runs
+    of the same seed (MNIST's protocol runs are the bf16 ones, their fp32 twins the new runs), as
+    difference bf16 - fp32 (sweep: arm - vanilla): per reported metric the largest |mean paired difference| over its
     cells, the fp32 seed std there, how many cells' 95 % paired t interval excludes 0, and how many
     stay at Holm-adjusted p < 0.05 over that metric's cells (metrics/stats.py)."""
     from metrics import stats as ST
@@ -364,7 +372,8 @@ def dtype_summary(family='dtype'):
         pair = result_path(r['job']['pair'])
         if os.path.isfile(pair):
             key = f"{r['job']['dataset']}_{r['job']['regime']}" + ('' if family == 'dtype' else f"_{r['job']['method']}")
-            out.setdefault(key, []).append((flat_metrics(r), flat_metrics(read_json(pair))))
+            new, ref = flat_metrics(r), flat_metrics(read_json(pair))
+            out.setdefault(key, []).append((ref, new) if r['job'].get('reference_is_bf16') else (new, ref))
     summary = {}
     for key, pairs in out.items():
         groups, tests = {}, {}
@@ -383,5 +392,8 @@ def dtype_summary(family='dtype'):
         for name, ps in tests.items():
             groups[name]['holm_below_0_05'] = sum(q < 0.05 for q in ST.holm(ps))
         summary[key] = dict(seeds=len(pairs), metrics=groups)
-    R.write_json(os.path.join(RES, f'{family}_toy.json'), summary)
+    for kind, keys in (('toy', [k for k in summary if not k.startswith('mnist')]),
+                       ('mnist', [k for k in summary if k.startswith('mnist')])):
+        if keys:
+            R.write_json(os.path.join(RES, f'{family}_{kind}.json'), {k: summary[k] for k in keys})
     return summary

@@ -146,12 +146,18 @@ def load_samples(path):
     return x.permute(0, 3, 1, 2).contiguous()
 
 
+def writable_folder(d):
+    """A folder this process may add files to. Its mode bits count too: root passes os.access on a
+    read-only (r-x) data folder, which must stay as it was given (as ../shared/data here)."""
+    return os.path.isdir(d) and os.access(d, os.W_OK) and bool(os.stat(d).st_mode & 0o222)
+
+
 def ref_stats_path(dataset, data_dir, image_size, dims=2048, random_inception=False):
     name = f"fid_stats_{dataset}_{image_size or NATIVE_SIZE.get(dataset, 'native')}"
     name += (f'_dims{dims}' if dims != 2048 else '') + ('_random-inception' if random_inception else '')
     name += '.npz'
     path = os.path.join(data_dir, name)
-    ok = os.path.isfile(path) or (os.path.isdir(data_dir) and os.access(data_dir, os.W_OK))
+    ok = os.path.isfile(path) or writable_folder(data_dir)
     return path if ok else name
 
 
@@ -203,7 +209,7 @@ def classifier_path(data_dir, image_size, seed=0):
     """<data_dir>/mnist_classifier_<size>_s<seed>.pt, or ./ if data_dir is read-only (as ref_stats_path)."""
     name = f'mnist_classifier_{image_size or 28}_s{seed}.pt'
     path = os.path.join(data_dir, name)
-    ok = os.path.isfile(path) or (os.path.isdir(data_dir) and os.access(data_dir, os.W_OK))
+    ok = os.path.isfile(path) or writable_folder(data_dir)
     return path if ok else name
 
 

@@ -227,6 +227,20 @@ class Diffusion:
         return self.sample_chain(model, x, self.T, 0, sampler, steps, noise, callback, eta, eps_scale)
 
 
+def per_sample_noise(seeds, device='cpu'):
+    """A noise source (sample / sample_chain's `noise`) in which row i draws from its own generator,
+    seeded seeds[i]: a sample's x_T and every z it sees depend on its seed alone, not on the batch
+    it is drawn in, the number of ranks or the device (the per-image seeds of the EDM line of work).
+    The draws are made on the CPU and moved once per step: one small draw per row costs little there."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def noise(shape):
+        if shape[0] != len(gens):
+            raise ValueError(f'per_sample_noise holds {len(gens)} seeds, asked for {shape[0]} rows')
+        return torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)
+    return noise
+
+
 def _noise_source(noise, generator):
     if generator is None:
         return noise

@@ -3,6 +3,7 @@
     python evaluate.py errprop --ckpt out/cifar10 out/cifar10-reg        # Fig. 1 vs Fig. 3
     python evaluate.py errprop --ckpt out/8gaussians --steps 20          # a 20-step respaced chain
     python evaluate.py fid --ckpt out/cifar10 --n 50000                  # EMA weights, 1000 steps
+    python evaluate.py fid --ckpt out/cifar10 --n 10000 --repeats 3      # mean ± std over 3 seed blocks
     torchrun --nproc_per_node=8 evaluate.py fid --ckpt out/cifar10 --num-samples 50000
     python evaluate.py fid --samples samples.npz --dataset cifar10 --data-dir data
     python evaluate.py fid --ckpt out/mnist --n 10000 --features mnist-classifier   # digits: FD and KID
@@ -14,15 +15,16 @@ errprop runs the chain from N noise samples and compares, at every measured t, t
 samples with M forward samples x_t of real training data (Sec. 4.2, Eq. 8-10), and records the
 exposure bias delta_t of ADM-ES beside it. faulttol perturbs one of two chains that share x_T
 and their noise at t0 and follows the gap (the paper's Theorem 4.1, measured). es-search picks
-the epsilon-scaling factor for a checkpoint and step count on a grid. fid uses
-pytorch-fid's Inception (2048-d pool3 features, fid.py) against statistics of the training set,
-computed once and cached as .npz; on MNIST, --features mnist-classifier measures the Frechet
-distance and KID in the features of a small digit classifier that fid.py trains once and caches.
-Every output file is written atomically.
+the epsilon-scaling factor for a checkpoint and step count on a grid. fid uses pytorch-fid's
+Inception (2048-d pool3, fid.py) against cached training-set statistics; on MNIST, --features
+mnist-classifier the Frechet distance and KID in a small digit classifier's features. Every
+output file is written atomically.
 """
 import argparse
 import os
+import sys
 
+import numpy as np
 import torch
 
 import data as D
@@ -31,6 +33,7 @@ from metrics import fid as F
 from neighbours import quant
 from neighbours import quanterr as QE
 from mmd import KERNELS, errprop_curve, fault_tolerance, mmd2, signed_sqrt
+from model import resolve_weights
 
 ESTIMATOR_NAMES = {'u': 'unbiased U-statistic', 'v': 'V-statistic, Eq. 10'}
 
@@ -81,7 +84,7 @@ def load_runs(a, device):
     if len(labels) != len(a.ckpt):
         R.fail(f'{len(labels)} --labels for {len(a.ckpt)} --ckpt: give one per checkpoint')
     runs = []
-    for ckpt, label in zip(a.ckpt, labels):
+    for ckpt, label in zip(map(resolve_weights, a.ckpt), labels):   # hub ids -> their cached folders
         model, diff, cfg = R.load_checkpoint(ckpt, device, ema=True, dtype=R.sampling_dtype(a, a.quant != 'none'))
         chain = R.chain_kwargs(a, diff)
         runs.append((ckpt, label, model, diff, cfg, chain))
@@ -95,11 +98,10 @@ def run_errprop(a):
     if (a.t_stride or 1) < 1 or a.n < 2 or a.m < 2:
         R.fail('need --t-stride >= 1 and --n, --m >= 2')
     device = start(a, '.json', '.png')
-    from tqdm import tqdm
     runs = []
     for ckpt, label, model, diff, cfg, chain in load_runs(a, device):
         x0 = real_examples(cfg, a.m, a.seed, a.data_dir)
-        with tqdm(desc=label, unit='t') as bar:
+        with R.progress_bar(len(diff.times(diff.T, 0, a.steps)), f'errprop {label}', 't') as bar:
             curve = errprop_curve(model, diff, x0, a.n, a.kernels, a.estimator, a.t_stride,
                                   torch.Generator(device).manual_seed(a.seed), a.chunk,
                                   lambda t: bar.update(1), device, **chain)
@@ -117,8 +119,7 @@ def run_errprop(a):
 
 def chain_settings(a, diff):
     """What the JSON records about the chain: sampler, steps, eta, eps scaling."""
-    return dict(sampler=a.sampler, steps=a.steps or diff.T, eta=a.eta, eps_scale=a.eps_scale,
-                eps_scale_k=a.eps_scale_k)
+    return dict(sampler=a.sampler, steps=a.steps or diff.T, eta=a.eta, eps_scale=a.eps_scale, eps_scale_k=a.eps_scale_k)
 
 
 # ---- faulttol: Theorem 4.1 (fault intolerance), measured -----------------------------------------
@@ -126,7 +127,7 @@ def run_faulttol(a):
     if a.delta < 0 or a.n < 2:
         R.fail('need --delta >= 0 (the RMS of the perturbation) and --n >= 2')
     device = start(a, '.json', '.png')
-    runs = []
+    runs, bar = [], R.progress_bar(len(a.ckpt) * len(a.t0), 'faulttol', 't0')
     for ckpt, label, model, diff, cfg, chain in load_runs(a, device):
         visited = diff.times(diff.T, 0, a.steps)
         bad = [t0 for t0 in a.t0 if t0 not in visited or t0 == 0]
@@ -139,8 +140,10 @@ def run_faulttol(a):
                                 device=device, generators=R.eval_rngs(a.seed, device=device), **chain)
             runs.append(dict(r, ckpt=ckpt, label=f'{label}, t0={t0}', dataset=cfg['dataset'], T=diff.T,
                              **chain_settings(a, diff)))
-            print(f"{label}: perturbation of RMS {a.delta:g} at t0={t0} ({a.mode}) -> gap at t=0 "
-                  f"{r['gap'][-1]:.4g}, A(0) = {r['amp'][-1]:.4g}, max A = {max(r['amp']):.4g}")
+            bar.update()
+            bar.write(f"{label}: perturbation of RMS {a.delta:g} at t0={t0} ({a.mode}) -> gap at t=0 "
+                      f"{r['gap'][-1]:.4g}, A(0) = {r['amp'][-1]:.4g}, max A = {max(r['amp']):.4g}", sys.stdout)
+    bar.close()
     R.write_json(a.out + '.json', dict(settings={k: v for k, v in vars(a).items() if k != 'run'}, runs=runs))
     plot_curves(runs, ['amp'], 'A(t) = gap(t) / gap(t0)', a.out + '.png',
                 {'amp': 'amplification of an injected error (> 1: amplified)'})
@@ -162,12 +165,14 @@ def run_es_search(a):
     else:
         real, held = real_examples(cfg, a.m, a.seed + 1, a.data_dir), 'training examples'
     rows = []
-    for b in a.grid:
-        a.eps_scale = b
-        chain = R.chain_kwargs(a, diff)
-        x = R.generate(model, diff, a.n, tuple(cfg['data_shape']), a.chunk or a.n, a.seed, device, **chain)
-        rows.append(dict(eps_scale=b, d_mmd0=signed_sqrt(float(mmd2(x, real.to(x.device), 'gaussian', 'u')))))
-        print(f"eps scale {b:g}: D_MMD(0) {rows[-1]['d_mmd0']:.4g}", flush=True)
+    with R.progress_bar(len(a.grid), 'es-search', 'scale') as bar:
+        for b in a.grid:
+            a.eps_scale = b
+            chain = R.chain_kwargs(a, diff)
+            x = R.generate(model, diff, a.n, tuple(cfg['data_shape']), a.chunk or a.n, a.seed, device, **chain)
+            rows.append(dict(eps_scale=b, d_mmd0=signed_sqrt(float(mmd2(x, real.to(x.device), 'gaussian', 'u')))))
+            bar.update()
+            bar.write(f"eps scale {b:g}: D_MMD(0) {rows[-1]['d_mmd0']:.4g}", sys.stdout)
     best = min(rows, key=lambda r: r['d_mmd0'])
     metric = f'D_MMD(0), gaussian kernel, unbiased, n = {a.n} samples vs m = {a.m} {held}'
     R.write_json(a.out + '.json', dict(ckpt=a.ckpt, sampler=a.sampler, steps=a.steps or diff.T, eta=a.eta,
@@ -210,8 +215,8 @@ def classifier_on_ranks(a, data_dir, size, device, rank, world):
 def run_fid(a):
     if bool(a.ckpt) == bool(a.samples):
         R.fail('pass exactly one of --ckpt RUN and --samples DIR_or_NPZ')
-    if a.n is not None and a.n < 2:
-        R.fail('--n must be >= 2 (a covariance needs two samples)')
+    if (a.n is not None and a.n < 2) or a.repeats < 1:
+        R.fail('--n must be >= 2 (a covariance needs two samples) and --repeats >= 1')
     check_feature_flags(a)
     classifier = a.features == 'mnist-classifier'
     R.check_writable(a.out + '.json')
@@ -220,6 +225,7 @@ def run_fid(a):
         x = F.load_samples(a.samples)
     device, rank, world = R.setup_device(a.device)
     if a.ckpt:
+        a.ckpt = resolve_weights(a.ckpt)   # a hub id -> its cached folder
         model, diff, cfg = R.load_checkpoint(a.ckpt, device, ema=True, dtype=R.sampling_dtype(a, a.quant != 'none'))
         if len(cfg['data_shape']) != 3:
             R.fail(f"{a.ckpt} models {cfg['dataset']} vectors; FID needs images (use `evaluate.py errprop`)")
@@ -249,35 +255,47 @@ def run_fid(a):
         ref_mu, ref_sigma = F.ref_stats(ref, inc, net_tag, dataset, data_dir, image_size, a.sample_batch,
                                         device, rank, world)
         embed = lambda imgs: F.inception_features(inc, imgs, a.sample_batch, device)
-    if a.ckpt:   # each rank draws its share with its own seed, as sample.py does
+    R_ = a.repeats   # R disjoint blocks of sample seeds: 0..n-1, n..2n-1, ... (the EDM convention)
+    if a.ckpt:   # sample i from its own seed (--seed, i), as sample.py: the same images on any batch or ranks
         n = a.n or 50000
-        lo, hi = R.shard(n, rank, world)
-        x = D.to_uint8(R.generate(model, diff, hi - lo, tuple(cfg['data_shape']), a.sample_batch,
-                                  R.seed_of(a.seed, 'sample', rank), device, progress=rank == 0, **chain))
+        lo, hi = R.shard(R_ * n, rank, world)
+        x = D.to_uint8(R.generate(model, diff, hi - lo, tuple(cfg['data_shape']), a.sample_batch, a.seed, device,
+                                  progress=rank == 0, first=lo, **chain))
     else:
-        n = min(a.n or len(x), len(x))
-        lo, hi = R.shard(n, rank, world)
+        n = min(a.n or len(x) // R_, len(x) // R_)
+        if n < 2:
+            R.fail(f'{a.samples} holds {len(x)} samples: too few for --repeats {R_} blocks of at least 2')
+        lo, hi = R.shard(R_ * n, rank, world)
         x = x[lo:hi]
     f = R.gather(embed(x), world)
     if rank == 0:
         sampler, steps = (a.sampler, chain['steps'] or diff.T) if a.ckpt else (None, None)
-        run = dict(n=len(f), sampler=sampler, steps=steps, ckpt=a.ckpt, ema=bool(a.ckpt), samples=a.samples,
-                   seed=a.seed, dataset=dataset, features=a.features)
+        run = dict(n=n, repeats=R_, sample_seeds=f'block r: {n} r .. {n} (r + 1) - 1', sampler=sampler, steps=steps,
+                   ckpt=a.ckpt, ema=bool(a.ckpt), samples=a.samples, seed=a.seed, dataset=dataset, features=a.features)
+        blocks = [f[r * n:(r + 1) * n] for r in range(R_)]
+        spread = lambda v: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else None)   # noqa: E731
+        pm = lambda m, sd, fmt: f'{m:{fmt}}' + ('' if sd is None else f' ± {sd:{fmt}} (std over {R_} blocks)')  # noqa: E731
         if classifier:
-            sc = F.feature_scores(f, ref_f, a.seed)
-            R.write_json(a.out + '.json', dict(fid=sc['fd'], kid=sc['kid'], kid_std=sc['kid_std'], **run,
+            sc = [F.feature_scores(b, ref_f, a.seed) for b in blocks]
+            (fd, fd_sd), (kid, kid_sd) = spread([s['fd'] for s in sc]), spread([s['kid'] for s in sc])
+            kid_sd = kid_sd if R_ > 1 else sc[0]['kid_std']   # one block: the KID's own subset std, as before
+            R.write_json(a.out + '.json', dict(fid=fd, fid_std=fd_sd, fid_blocks=[s['fd'] for s in sc], kid=kid,
+                                               kid_std=kid_sd, kid_blocks=[s['kid'] for s in sc], **run,
                                                test_accuracy=info['test_accuracy'], classifier=cls_path,
                                                classifier_info=info, image_size=size, n_ref=len(ref_f)))
-            print(f"FD_mnist-classifier {sc['fd']:.4f} KID {sc['kid']:.5f} ± {sc['kid_std']:.5f} (features of "
+            print(f"FD_mnist-classifier {pm(fd, fd_sd, '.4f')} KID {kid:.5f} ± {kid_sd:.5f} "
+                  f"({'std over blocks' if R_ > 1 else 'subset std'}; features of "
                   f"the project's MNIST classifier, test accuracy {info['test_accuracy']:.2%}; not an Inception "
-                  f"FID; n={len(f)} vs {len(ref_f)} training digits at {size}x{size}, sampler={sampler}, "
+                  f"FID; n={n}{' per block' * (R_ > 1)} vs {len(ref_f)} training digits at {size}x{size}, sampler={sampler}, "
                   f"steps={steps}, ckpt={a.ckpt}, samples={a.samples}) -> {a.out}.json")
         else:
-            fid = F.fid_from_stats(F.feature_stats(f), (ref_mu, ref_sigma))
+            fids = [F.fid_from_stats(F.feature_stats(b), (ref_mu, ref_sigma)) for b in blocks]
+            fid, fid_sd = spread(fids)
             warn = ' (random Inception: pipeline check only, not a FID)' if a.random_inception else ''
-            R.write_json(a.out + '.json', dict(fid=fid, **run, ref_stats=ref, inception=net_tag + warn))
-            print(f'FID {fid:.4f} (n={len(f)}, sampler={sampler}, steps={steps}, ckpt={a.ckpt}, '
-                  f'samples={a.samples}, ref={ref}){warn} -> {a.out}.json')
+            R.write_json(a.out + '.json', dict(fid=fid, fid_std=fid_sd, fid_blocks=fids, **run, ref_stats=ref,
+                                               inception=net_tag + warn))
+            print(f"FID {pm(fid, fid_sd, '.4f')} (n={n}{' per block' * (R_ > 1)}, sampler={sampler}, steps={steps}, "
+                  f'ckpt={a.ckpt}, samples={a.samples}, ref={ref}){warn} -> {a.out}.json')
     R.teardown(end_process=True)
 
 
@@ -294,6 +312,7 @@ def run_quanterr(a):
     if a.overhead_reps < 0:
         R.fail('--overhead-reps must be >= 0 (0: no timing)')
     device = start(a, '.json', '.png')
+    a.ckpt = resolve_weights(a.ckpt)   # a hub id -> its cached folder (the calibration is stored beside it)
     model, diff, cfg = R.load_checkpoint(a.ckpt, device, dtype=R.sampling_dtype(a, quantised=True))
     shape, chain = tuple(cfg['data_shape']), R.chain_kwargs(a, diff)
     if D.is_toy(cfg['dataset']):   # fresh draws of the known distribution
@@ -301,7 +320,7 @@ def run_quanterr(a):
     else:
         x0 = real_examples(cfg, a.n, a.seed + 1, a.data_dir)
     image = len(shape) == 3
-    results = {}
+    results, bar = {}, R.progress_bar(len(a.quant), 'quanterr', 'spec')
     for spec in a.quant:
         c = quant.get_calibration(model, diff, shape, spec, a.ckpt, a.calib_traj, a.calib_batch,
                                   a.recalibrate, device, **chain)
@@ -314,7 +333,9 @@ def run_quanterr(a):
             mean = sum(r['err'][k]) / len(r['err'][k])
             over = f"; time {100 * r['overhead'][k]:+.1f} %" if k in r.get('overhead', {}) else ''
             print(f"{spec} {k:>15}: {final}; RMS mean over t {mean:.4g}; D_MMD(0) {r['mmd0'][k]:.4g}{over}")
-        print(f"{spec} {'fp':>15}: D_MMD(0) {r['mmd0']['fp']:.4g}")
+        print(f"{spec} {'fp':>15}: D_MMD(0) {r['mmd0']['fp']:.4g}", flush=True)
+        bar.update()
+    bar.close()
     final = ('PSNR of the final samples against FP from the same noise: images in [-1, 1] mapped to '
              '[0, 1], 10 log10(1 / MSE), mean over images' if image else
              'vector data: RMS distance of the final samples to FP from the same noise (rms0), no PSNR')
@@ -332,7 +353,7 @@ def main(argv=None):
     sub = p.add_subparsers(dest='cmd', required=True)
 
     e = sub.add_parser('errprop', help='D_MMD(t) along the sampling chain (Sec. 4.2, Fig. 1)')
-    e.add_argument('--ckpt', nargs='+', required=True, help='run folders, ckpt.pt files or diffusers folders')
+    e.add_argument('--ckpt', nargs='+', required=True, help='run folders, ckpt.pt files, diffusers folders or hub model ids')
     e.add_argument('--labels', nargs='+', help='one per --ckpt (default: run folder names)')
     e.add_argument('--n', type=int, default=1000, help='backward samples N')
     e.add_argument('--m', type=int, default=1000, help='forward samples M of real data')
@@ -345,10 +366,12 @@ def main(argv=None):
     e.set_defaults(run=run_errprop, out='errprop')
 
     f = sub.add_parser('fid', help='FID with pytorch-fid Inception against training-set statistics')
-    f.add_argument('--ckpt', help='run folder / ckpt.pt / diffusers folder: sample with its EMA weights')
+    f.add_argument('--ckpt', help='run folder / ckpt.pt / diffusers folder / hub model id: sample with its EMA weights')
     f.add_argument('--samples', help='folder of PNGs or .npz (samples or arr_0, NHWC uint8)')
     f.add_argument('--n', '--num-samples', dest='n', type=int,   # torchrun takes --n for its own --n*
                    help='samples (default: 50000 with --ckpt, all with --samples)')
+    f.add_argument('--repeats', type=int, default=1, help='score R disjoint blocks of n sample seeds (0..n-1, '
+                   'n..2n-1, ...) and report mean ± std over them (never the best); R n samples in all')
     f.add_argument('--sample-batch', type=int, default=250, help='chains side by side, and Inception batch')
     f.add_argument('--dataset', choices=F.IMAGE_SETS, help="reference data set (default: the checkpoint's)")
     f.add_argument('--image-size', type=int, help='reference image size (default: native)')
@@ -367,7 +390,7 @@ def main(argv=None):
     f.set_defaults(run=run_fid, out='fid')
 
     t = sub.add_parser('faulttol', help="Theorem 4.1 measured: does the chain amplify an error injected at t0?")
-    t.add_argument('--ckpt', nargs='+', required=True, help='run folders, ckpt.pt files or diffusers folders')
+    t.add_argument('--ckpt', nargs='+', required=True, help='run folders, ckpt.pt files, diffusers folders or hub model ids')
     t.add_argument('--labels', nargs='+', help='one per --ckpt (default: run folder names)')
     t.add_argument('--t0', type=int, nargs='+', required=True, help='chain indices where the error enters')
     t.add_argument('--delta', type=float, default=0.1, help='RMS of the injected error')
@@ -378,7 +401,7 @@ def main(argv=None):
     t.set_defaults(run=run_faulttol, out='faulttol')
 
     s = sub.add_parser('es-search', help='epsilon scaling: the best factor on a grid for one step count')
-    s.add_argument('--ckpt', required=True, help='run folder, ckpt.pt, or diffusers DDPM folder')
+    s.add_argument('--ckpt', required=True, help='run folder, ckpt.pt, diffusers DDPM folder, or hub model id (google/ddpm-cifar10-32)')
     s.add_argument('--grid', type=float, nargs='+', default=[1.0, 1.002, 1.005, 1.01, 1.02, 1.03, 1.05],
                    help='eps scales B to try (lambda = B + K i with --eps-scale-k)')
     s.add_argument('--n', type=int, default=1000, help='samples per scale')
@@ -387,7 +410,7 @@ def main(argv=None):
 
     q = sub.add_parser('quanterr', help='trajectory error of W8A8 / W4A8 / W4A4 sampling, with and without '
                                         'error compensation')
-    q.add_argument('--ckpt', required=True, help='run folder, ckpt.pt, or diffusers DDPM folder')
+    q.add_argument('--ckpt', required=True, help='run folder, ckpt.pt, diffusers DDPM folder, or hub model id (google/ddpm-cifar10-32)')
     q.add_argument('--quant', nargs='+', default=list(quant.SPECS),
                    help='specs: w8a8, w4a8 (weights per output channel), w4a4 (weight groups of 64), '
                         'wXaYgN (groups of N)')

@@ -366,7 +366,7 @@ def fault_tolerance(model, diff, x_T, t0, delta, mode='iso', sampler='ddpm', ste
             out['t'].append(t)
             out['gap'].append((b - a).float().pow(2).mean().sqrt().item())
             out['amp'].append(out['gap'][-1] / out['gap'][0] if out['gap'][0] > 0 else float('nan'))
-            for k, v in mmd2_many(a, b, kernels, 'u').items():
+            for k, v in (mmd2_many(a, b, kernels, 'u') if kernels else {}).items():   # kernels=(): gaps only
                 out['mmd'][k].append(signed_sqrt(v.item()))
         return x
 

@@ -283,6 +283,41 @@ _RENAMES = [  # diffusers key pattern -> ours, applied in order
 ]
 
 
+HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')   # owner/name, as google/ddpm-cifar10-32
+
+
+def resolve_weights(path):
+    """`path` itself if it exists or is no hub id; a hub model id (owner/name) -> its folder in the
+    huggingface cache (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub), fetched
+    first if it is not cached and the hub can be reached (not under HF_HUB_OFFLINE=1). The weights
+    stay the hub's; load_diffusers_unet converts them as it converts any local folder."""
+    if os.path.exists(path) or not HUB_ID.match(path):
+        return path
+    how = (f"fetch it where there is internet (huggingface-cli download {path}, then copy the cache to "
+           f"this machine's HF_HOME) or put its files (config.json, diffusion_pytorch_model.safetensors) "
+           f"in a folder and pass that folder")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(f'{path} is no local path; as a hub model id it needs huggingface_hub '
+                                f'(pip install huggingface_hub), or {how}') from None
+    cache = os.environ.get('HF_HUB_CACHE') or None   # read now, not at huggingface_hub's import
+    kw = dict(cache_dir=cache, allow_patterns=['*.json', *_WEIGHTS])
+    try:
+        return snapshot_download(path, local_files_only=True, **kw)
+    except Exception:   # not in the cache
+        pass
+    if os.environ.get('HF_HUB_OFFLINE', '').lower() not in ('1', 'true', 'yes', 'on'):
+        try:
+            return snapshot_download(path, **kw)
+        except Exception as e:
+            why = f"{type(e).__name__}: {' '.join(str(e).split())[:100]}"
+            raise FileNotFoundError(f'{path} is no local path, not in the huggingface cache, and could '
+                                    f'not be fetched ({why}): {how}') from None
+    raise FileNotFoundError(f'{path} is no local path and not in the huggingface cache (HF_HUB_OFFLINE '
+                            f'is set): {how}')
+
+
 def _unet_dir(path):
     sub = os.path.join(path, 'unet')  # a whole pipeline folder keeps the U-Net in unet/
     return sub if os.path.isfile(os.path.join(sub, 'config.json')) else path

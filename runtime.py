@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 import data as D
-from diffusion import Diffusion
+from diffusion import Diffusion, per_sample_noise
 from mmd import KERNELS
-from model import build_model, is_diffusers_folder, load_diffusers_unet, resolve_dtype
+from model import build_model, is_diffusers_folder, load_diffusers_unet, resolve_dtype, resolve_weights
 
 
 def fail(msg):
@@ -40,7 +40,7 @@ CONFIG = dict(
     synthetic=None, fresh_frac=1.0,           # recursive retraining (model collapse)
     batch_size=None, lr=None, warmup=None, grad_clip=1.0, ema_decay=None, max_steps=None,
     seed=0, device='auto', dtype='auto', compile=False, channels_last=False,
-    out_dir=None, resume=False, init_from=None,
+    out_dir=None, resume=False, init_from=None, log='json',   # log: json (log.jsonl) | tensorboard (and RUN/tb)
     log_every=None, sample_every=None, save_every=None, n_preview=None,
     preview_steps=None,                       # previews: respaced ancestral chain of S steps (None: T)
 )
@@ -64,7 +64,7 @@ MNIST14_FLAGS = ['--model', 'tiny', '--image-size', '14', '--batch-size', '64', 
 CHOICES = dict(dataset=D.DATASETS, sigma=('beta', 'posterior'), loss=('eps', 'ip', 'sa'),
                reg_kernel=KERNELS, reg_stat=('mmd', 'mmd2'),
                reg_grad=('full', 'last'), reg_norm=('mean1', 'sum1'), reg_weight=('exp', 'uniform'),
-               dtype=('auto', 'fp32', 'bf16'))
+               dtype=('auto', 'fp32', 'bf16'), log=('json', 'tensorboard'))
 NONE_TYPES = dict(image_size=int, model=str, dropout=float, beta_1=float, beta_T=float, reg_rho=float,
                   reg_steps=int, reg_batch=int, synthetic=str, batch_size=int, lr=float, warmup=int, ema_decay=float,
                   max_steps=int, out_dir=str, init_from=str, log_every=int, sample_every=int,
@@ -73,7 +73,7 @@ NONE_TYPES = dict(image_size=int, model=str, dropout=float, beta_1=float, beta_T
 LEGACY = dict(reg_halves=True, dtype='fp32')
 # what a resumed run may change; everything else defines the run and is refused
 RESUMABLE = {'max_steps', 'log_every', 'save_every', 'sample_every', 'n_preview', 'preview_steps', 'device',
-             'dtype', 'compile', 'channels_last', 'data_dir', 'out_dir', 'resume', 'lr', 'grad_clip'}
+             'dtype', 'compile', 'channels_last', 'data_dir', 'out_dir', 'resume', 'lr', 'grad_clip', 'log'}
 
 
 def parse_config(argv=None):
@@ -137,7 +137,7 @@ def check_config(cfg):
         fail('need --lr >= 0, --grad-clip > 0 and 0 <= --ema-decay < 1')
 
 
-def model_overrides(cfg):
+def model_overrides(cfg):   # the network's settings that a run may change (build_model's keywords)
     return {} if cfg.get('dropout') is None else dict(dropout=cfg['dropout'])
 
 
@@ -208,13 +208,11 @@ def gather(x, world):
 
 
 def teardown(end_process=False, code=0):
-    """Leave the process group together: a rank that destroys its gloo group while another is
-    still writing its checkpoint can abort ('terminate called without an active exception').
-    end_process (a script's last line): under torchrun, end the process right after the group is
-    destroyed, every file being written and closed, with exit status `code`. A gloo group's worker threads can still hold
-    tensors when the interpreter finalises, and freeing them then aborts the rank with the same
-    message (seen after the barrier in the last CI run and in one of two full test runs here, never
-    in 18 isolated reruns: a race): skipping finalisation removes it."""
+    """Leave the process group together (a rank that destroys its gloo group while another still
+    writes its checkpoint can abort). end_process (a script's last line): under torchrun, end the
+    process right after, every file closed, with exit status `code`: gloo's worker threads can still
+    hold tensors at interpreter finalisation, and freeing them then aborts the rank ('terminate
+    called without an active exception', a race seen in CI); skipping finalisation removes it."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -250,13 +248,11 @@ def atomic_write(path, write, binary=True):
 
 def json_safe(obj):
     """Non-finite floats as None (null): JSON has no NaN or Infinity."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
     if isinstance(obj, dict):
         return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
-    return obj
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
 def write_json(path, obj):
@@ -293,8 +289,7 @@ def read_npz(path, need=()):
 
 def check_writable(path):
     """Fail now, before any long computation, if `path` could not be written later."""
-    folder = os.path.dirname(os.path.abspath(path))
-    probe = folder
+    probe = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK) or os.path.isdir(path):
@@ -304,18 +299,17 @@ def check_writable(path):
 
 def save_preview(samples, real, path):
     """A grid of images, or for vector data a scatter of samples over the data (first 2 dims)."""
+    if samples.dim() == 4:
+        import torchvision
+        return atomic_write(path, lambda f: torchvision.utils.save_image(
+            (samples + 1) / 2, f, format='png', nrow=int(math.sqrt(len(samples)))))
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    if samples.dim() == 4:
-        import torchvision
-        atomic_write(path, lambda f: torchvision.utils.save_image(
-            (samples + 1) / 2, f, format='png', nrow=int(math.sqrt(len(samples)))))
-        return
     fig, ax = plt.subplots(figsize=(5, 5))
-    r = real[:len(samples)].float().cpu()
+    r, x = real[:len(samples)].float().cpu(), samples.cpu()
     ax.scatter(r[:, 0], r[:, 1], s=2, alpha=0.4, label='data')
-    ax.scatter(samples[:, 0].cpu(), samples[:, 1].cpu(), s=2, alpha=0.6, label='samples (EMA)')
+    ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.6, label='samples (EMA)')
     ax.legend(loc='upper right', markerscale=4)
     ax.set_aspect('equal')
     save_figure(fig, path)
@@ -360,8 +354,9 @@ def diffusers_config(name, shape):
 
 def load_checkpoint(path, device='cpu', ema=True, dtype='fp32'):
     """(model in eval mode, diffusion, config) from a run folder, a ckpt.pt, or a diffusers DDPM
-    folder. ema=True takes the EMA weights (what sampling and evaluation use); dtype: the network's
-    arithmetic when sampling (make_diffusion)."""
+    folder, or a hub model id (model.resolve_weights). ema=True takes the EMA weights (what sampling
+    and evaluation use); dtype: the network's arithmetic when sampling (make_diffusion)."""
+    path = resolve_weights(path)
     if os.path.isdir(path) and is_diffusers_folder(path):
         state, name, shape = load_diffusers_unet(path)
         cfg = diffusers_config(name, shape)
@@ -386,17 +381,26 @@ def load_checkpoint(path, device='cpu', ema=True, dtype='fp32'):
     return model.to(device).eval(), make_diffusion(cfg, device, dtype), cfg
 
 
-def generate(model, diff, n, shape, sample_batch=256, seed=0, device='cpu', progress=False, **chain):
-    """n samples (float, model space, on the CPU) drawn sample_batch at a time from one seeded
-    generator; `chain` goes to Diffusion.sample_chain (sampler, steps, eta, eps_scale)."""
+def progress_bar(total, desc, unit='it', on=True):
+    """A tqdm line (count, rate, ETA) on stderr if it is a terminal; none in logs and pipes, or if not `on`."""
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, disable=None if on else True, mininterval=1.0,
+                dynamic_ncols=True, file=sys.stderr)
+
+
+def generate(model, diff, n, shape, sample_batch=256, seed=0, device='cpu', progress=False, first=None, **chain):
+    """n samples (float, model space, on the CPU) drawn sample_batch at a time from one seeded generator, or
+    (first: an int) sample first + i from its own seed, seed_of(seed, 'image', first + i), whatever the batch."""
     g = torch.Generator(device).manual_seed(seed)
-    out, it = [], range(0, n, sample_batch)
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(it, desc='sampling', unit='batch')
-    for i in it:
-        b = min(sample_batch, n - i)
-        out.append(diff.sample(model, (b, *shape), generator=g, device=device, **chain).cpu())
+    steps = chain.get('steps') or diff.T
+    out, n_steps = [], (len(steps) if isinstance(steps, (list, tuple)) else steps + 1)   # the callback sees the start too
+    with progress_bar(n, 'sampling', 'img', on=progress) as bar:
+        for i in range(0, n, sample_batch):
+            b = min(sample_batch, n - i)
+            tick = None if bar.disable else (lambda t, x, i=i, b=b, k=iter(range(1, n_steps + 1)):
+                                             bar.update(i + b * next(k) // n_steps - bar.n))   # whole images
+            z = g if first is None else per_sample_noise([seed_of(seed, 'image', first + j) for j in range(i, i + b)], device)
+            out.append(diff.sample(model, (b, *shape), noise=z, device=device, callback=tick, **chain).cpu())
     return torch.cat(out) if out else torch.empty(0, *shape)
 
 

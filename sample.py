@@ -14,6 +14,7 @@ import os
 
 import runtime as R
 from data import to_model_space, to_uint8
+from model import resolve_weights
 from neighbours import quant
 
 
@@ -27,11 +28,11 @@ def save_png_dir(x, folder, start=0):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description='Sample from a checkpoint.')
-    p.add_argument('--ckpt', required=True, help='run folder, ckpt.pt, or diffusers DDPM folder')
+    p.add_argument('--ckpt', required=True, help='run folder, ckpt.pt, diffusers DDPM folder, or hub model id (google/ddpm-cifar10-32)')
     p.add_argument('--n', '--num-samples', dest='n', type=int, default=64,
                    help='number of samples (--num-samples under torchrun, whose parser takes --n)')
     p.add_argument('--sample-batch', type=int, default=256, help='chains run side by side')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int, default=0, help='sample i is drawn from seed (seed, i) alone')
     p.add_argument('--no-ema', action='store_true', help='use the raw weights, not the EMA')
     p.add_argument('--grid', help='PNG grid (images) or scatter plot (vector data)')
     p.add_argument('--npz', help='.npz with all samples')
@@ -48,6 +49,7 @@ def main(argv=None):
     if a.png_dir:
         R.check_writable(os.path.join(a.png_dir, 'x.png'))
     device, rank, world = R.setup_device(a.device)
+    a.ckpt = resolve_weights(a.ckpt)   # a hub id -> its cached folder (the calibration is stored beside it)
     model, diff, cfg = R.load_checkpoint(a.ckpt, device, ema=not a.no_ema, dtype=R.sampling_dtype(a, a.quant != 'none'))
     shape = tuple(cfg['data_shape'])
     if a.png_dir and len(shape) != 3:
@@ -55,9 +57,9 @@ def main(argv=None):
     chain = R.chain_kwargs(a, diff)
     model = quant.for_sampling(model, diff, shape, a.ckpt, a.quant, a.quant_compensate,
                                a.calib_traj, a.recalibrate, device, **chain)   # --quant w8a8 | w4a8
-    lo, hi = R.shard(a.n, rank, world)   # rank r draws samples [lo, hi) with its own seed
-    x = R.generate(model, diff, hi - lo, shape, a.sample_batch, R.seed_of(a.seed, 'sample', rank), device,
-                   progress=rank == 0, **chain)
+    lo, hi = R.shard(a.n, rank, world)   # rank r draws samples [lo, hi), each from its own seed
+    x = R.generate(model, diff, hi - lo, shape, a.sample_batch, a.seed, device, progress=rank == 0,
+                   first=lo, **chain)   # sample i from seed (--seed, i): the same whatever the batch or ranks
     if x.dim() == 4:
         x = to_uint8(x)   # images travel and are stored as uint8
     if a.png_dir:

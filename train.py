@@ -7,9 +7,9 @@ or many GPUs:
 
 Every entry of runtime.CONFIG is a flag (--batch-size 64, --no-warm-start, ...); per-data-set
 presets fill in what the command line leaves open. A run writes into --out-dir: config.json,
-log.jsonl, ckpt.pt (written atomically) and sample pictures. All randomness of a step is a
-function of (seed, step) and of each sample's index in the global batch, so a resumed run
-continues exactly and N ranks see the same global batch as one process.
+log.jsonl, ckpt.pt (written atomically), sample pictures and, with --log tensorboard, tb/. All
+randomness of a step is a function of (seed, step) and of each sample's index in the global
+batch, so a resumed run continues exactly and N ranks see the same global batch as one process.
 
 The training step itself (local_batch, compute_loss: the loss, optimizer_step) is trainstep.py's,
 which bench.py times as it is.
@@ -96,7 +96,7 @@ def log_line(log, stats, loss, gnorm, lr, step, cfg, world, n_seen, dt):
         dist.all_reduce(vals)
         vals /= world
     if log is None:
-        return
+        return None
     keys = ['loss'] + list(stats)
     rec = dict(step=step, **dict(zip(keys, vals.tolist())), grad_norm=float(gnorm), lr=lr,
                img_per_s=round(n_seen / dt, 1))
@@ -108,6 +108,43 @@ def log_line(log, stats, loss, gnorm, lr, step, cfg, world, n_seen, dt):
     extra = ''.join(f' | {k} {rec[k]:.4g}' for k in keys[1:] if k != 'loss_nll')
     print(f"step {step}/{cfg['max_steps']} | loss {rec['loss']:.4f}{extra} | {n_seen / dt:.0f} img/s | "
           f"eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s", flush=True)
+    return rec
+
+
+# ---- --log tensorboard: the same records, and the previews, as TensorBoard events under RUN/tb --
+TB_TAGS = dict(loss='train/loss', loss_nll='train/loss_nll', loss_reg='reg/loss_reg', r='reg/r', k='reg/k',
+               w='reg/w', grad_norm='train/grad_norm', lr='train/lr', img_per_s='train/img_per_s')
+
+
+def check_tensorboard(cfg):
+    if cfg['log'] == 'tensorboard':
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            R.fail('--log tensorboard needs the tensorboard package: pip install tensorboard (or use --log json)')
+
+
+def open_tensorboard(cfg, step):
+    """A SummaryWriter on RUN/tb, or None (--log json). A resumed run purges the events of the steps
+    it redoes (after its checkpoint's step), so that no step appears twice."""
+    if cfg['log'] != 'tensorboard':
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(os.path.join(cfg['out_dir'], 'tb'), purge_step=step + 1 if step else None)
+
+
+def tb_write(tb, rec=None, preview=None, step=None):
+    """One log record's scalars (TB_TAGS; loss_nll is the eps-MSE of --loss eps) or a preview PNG."""
+    if rec is not None:
+        for k, tag in TB_TAGS.items():
+            if rec.get(k) is not None:
+                tb.add_scalar(tag, rec[k], rec['step'])
+    if preview is not None:
+        import numpy as np
+        from PIL import Image
+        with Image.open(preview) as im:
+            tb.add_image('samples', np.asarray(im.convert('RGB')), step, dataformats='HWC')
+    tb.flush()
 
 
 # ---- preemption and the run folder's one writer --------------------------------------------------
@@ -175,6 +212,7 @@ def main(argv=None):
     if cfg['batch_size'] % world:
         R.fail(f"--batch-size {cfg['batch_size']} must divide over {world} ranks")
     cfg, ck = start_or_resume(cfg, given)   # reads only: nothing is written before these checks pass
+    check_tensorboard(cfg)
     cfg['dtype'] = resolve_dtype(cfg['dtype'], device)   # auto -> what this machine runs (saved as such)
     if cfg['reg'] and cfg['reg_halves'] and cfg['batch_size'] // world < 4:
         R.fail(f"--reg-halves splits each rank's batch in two halves for MMD: use --batch-size >= {4 * world} "
@@ -194,7 +232,7 @@ def main(argv=None):
     if dist.is_initialized():   # under torchrun, one rank included (that proves the DDP path too)
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.startswith('cuda') else None)
-    log = None
+    log = tb = None
     if master:   # every check has passed: only now does the run folder change
         lock_run_dir(out)   # held until the process ends
         print(json.dumps(cfg, indent=1))
@@ -203,6 +241,7 @@ def main(argv=None):
                   'autocast is emulated and usually slower than fp32 here')
         R.write_json(os.path.join(out, 'config.json'), cfg)
         log = open_log(os.path.join(out, 'log.jsonl'), step)
+        tb = open_tensorboard(cfg, step)
         print(f"{cfg['dataset']}: {len(data)} examples of shape {shape}; model {cfg['model']} with "
               f"{sum(p.numel() for p in raw.parameters()):,} parameters; {world} rank(s) on {device}")
     saved_step = ck['step'] if ck else None
@@ -232,7 +271,9 @@ def main(argv=None):
                 if device.startswith('cuda'):
                     torch.cuda.synchronize()
                 dt, t_last = time.time() - t_last, time.time()
-                log_line(log, stats, loss, gnorm, opt.param_groups[0]['lr'], step, cfg, world, n_seen, dt)
+                rec = log_line(log, stats, loss, gnorm, opt.param_groups[0]['lr'], step, cfg, world, n_seen, dt)
+                if tb:
+                    tb_write(tb, rec)
                 n_seen = 0
             if master and saves:
                 R.save_checkpoint(ckpt_path, model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
@@ -242,12 +283,16 @@ def main(argv=None):
                 g = torch.Generator(device).manual_seed(cfg['seed'])
                 s = diff.sample(ema, (cfg['n_preview'], *shape), steps=cfg.get('preview_steps'), generator=g,
                                 device=device)
-                R.save_preview(s, D.to_model_space(data[:cfg['n_preview']]),
-                               os.path.join(out, f'samples_{step:07d}.png'))
+                png = os.path.join(out, f'samples_{step:07d}.png')
+                R.save_preview(s, D.to_model_space(data[:cfg['n_preview']]), png)
+                if tb:
+                    tb_write(tb, preview=png, step=step)
             if signum:
                 break
     if master:
         log.close()
+        if tb:
+            tb.close()
         print(f"stopped by {signal.Signals(signum).name} at step {step}; {ckpt_path} holds it; resume with: "
               f"python train.py --resume --out-dir {out}" if signum else f'done: {step} steps; checkpoint {ckpt_path}',
               flush=True)

@@ -82,7 +82,7 @@ def read_json(path):
 def result_path(name):
     """The file whose existence means job `name` is done (dtype_* / sweep_*: results/dtype|sweep/)."""
     family = name.split('_')[0]
-    return os.path.join(RES, family if family in ('dtype', 'sweep') else 'steps', name + '.json')
+    return os.path.join(RES, family if family in ('dtype', 'sweep', 'resolution') else 'steps', name + '.json')
 
 
 def job_list(a):
@@ -139,6 +139,13 @@ def job_list(a):
                                      regime=rg, variant=f'{rg}_{arm}', method=arm, seed=seed, steps=a.max_steps,
                                      deps=[], flags=REGIMES[rg] + fl + TOY_DTYPE,
                                      pair=f'steps_8gaussians_{rg}_vanilla_s{seed}'))
+    if getattr(a, 'resolution', False):   # issue 27: results/steps' 8gaussians vanilla and reg models (the same
+        for rg in REGIMES:                   # flags and seeds retrain them), scored with a metric of resolution
+            for seed in a.seeds:
+                for m in ('vanilla', 'reg'):
+                    jobs.append(dict(name=f'resolution_8gaussians_{rg}_{m}_s{seed}', kind='resolution', deps=[],
+                                     dataset='8gaussians', regime=rg, method=m, seed=seed, steps=a.max_steps,
+                                     flags=REGIMES[rg] + METHODS[m] + TOY_DTYPE))
     if a.mnist:   # T = 50 first: where the toy sets show the regulariser doing something
         fl = mnist_flags(a) + ['--dtype', 'bf16']   # bf16 trains as well as fp32 (results/paper1000/runs/mnist_dtype_*)
         for group in ((('T50', 'vanilla'), ('T50', 'reg')), (('T50', 'ip'), ('T50', 'sa'))):
@@ -314,6 +321,25 @@ def evaluate_steps(model, diff, cfg, n=1000, n_select=500, es_max_steps=100, chu
 
 
 @torch.no_grad()
+def resolution_scores(model, diff, ds, seed, n=5000, steps=STEPS, eval_seeds=(0,)):
+    """The toy metric with resolution: the unbiased MMD^2 itself (not its signed root) of n chain
+    samples (ancestral, S steps) against n fresh true draws, gaussian and laplace kernels, and the
+    perfect-model floor: the same statistic between two fresh sets of n true draws. Every stream
+    is drawn from (seed, eval seed, purpose, S): independent per training seed and per purpose;
+    eval seeds beyond the first repeat the evaluation of this one model (its own spread)."""
+    out = {}
+    for e in eval_seeds:
+        for S in (S for S in steps if S <= diff.T):
+            g = {p: R.rng(seed, 'resolution-' + p, e, S) for p in ('sample', 'ref', 'floor')}
+            with torch.inference_mode():
+                x = diff.sample(model, (n, *D.sample_toy(ds, 1).shape[1:]), steps=S, generator=g['sample'])
+            ref, a, b = (D.sample_toy(ds, n, g[p]) for p in ('ref', 'floor', 'floor'))
+            for kern in ('gaussian', 'laplace'):
+                out.setdefault(f'e{e}', {}).setdefault(kern, {})[S] = dict(
+                    model=float(mmd2(x, ref, kern, 'u')), floor=float(mmd2(a, b, kern, 'u')))
+    return out
+
+
 def reg_floor(cfg, draws=200, device='cpu'):
     """What the regulariser's logged value (consistency_reg, before w_r) would be for a perfect
     chain: its statistic between two independent sets of forward samples x_r ~ q(x_r) of the

@@ -103,12 +103,24 @@ def job_steps(a, job):
                                 fast=a.eval == 'fast', streams=a.eval_streams))
     if cfg['reg']:
         res['reg_floor'] = P.reg_floor(cfg)
-    if job['seed'] == 0 and job['method'] in ('vanilla', 'reg', 'reg_S20', 'reg_l0.5', 'reg_l0.8', *P.SWEEP):
+    if job['seed'] == 0 and not job['name'].startswith('dtype_') and job['method'] in ('vanilla', 'reg', 'reg_S20', 'reg_l0.5', 'reg_l0.8', *P.SWEEP):
         tmp = result_path(job['name']) + '.reg_grad.json'
         bench('--what', 'reg-grad', '--ckpt', out, '--json', tmp)
         res['reg_grad'] = read_json(tmp)['reg_grad']
         os.remove(tmp)
     res['eval_wall_s'] = time.time() - t0
+    R.write_json(result_path(job['name']), res)
+
+
+def job_resolution(a, job):
+    """Retrain one of results/steps' toy models (its flags and seed), then score it with
+    protocol.resolution_scores; seed 0 also repeats the evaluation under 5 evaluation seeds."""
+    out, res = train_job(job, a)
+    model, diff, cfg = R.load_checkpoint(out, 'cpu', ema=True, dtype='fp32')
+    t0 = time.time()
+    res['scores'] = P.resolution_scores(model, diff, job['dataset'], job['seed'], n=a.resolution_n,
+                                        eval_seeds=range(5) if job['seed'] == 0 else (0,))
+    res.update(n=a.resolution_n, eval_wall_s=time.time() - t0, config=cfg)
     R.write_json(result_path(job['name']), res)
 
 
@@ -131,6 +143,11 @@ def schedule(a):
     print(f'{len(jobs)} jobs, {len(todo)} to run (S = {a.max_steps}, seeds {a.seeds})', flush=True)
     os.makedirs(os.path.join(OUT, 'logs'), exist_ok=True)
     t_start, running, failed, started = time.time(), {}, set(), 0
+    bar = R.progress_bar(len(todo), 'protocol', 'job')   # a terminal's one line; the log lines below it
+
+    def say(msg):
+        bar.write(f'[{(time.time() - t_start) / 60:6.1f} min] {msg}', sys.stdout)
+        sys.stdout.flush()
 
     def finished(name):
         return os.path.isfile(result_path(name))
@@ -155,8 +172,8 @@ def schedule(a):
                 del running[name]
                 ok = p.returncode == 0 and finished(name)
                 failed |= set() if ok else {name}
-                print(f'[{(time.time() - t_start) / 60:6.1f} min] {"done" if ok else "FAILED"} {name} '
-                      f'({time.time() - t0:.0f} s)', flush=True)
+                bar.update()
+                say(f'{"done" if ok else "FAILED"} {name} ({time.time() - t0:.0f} s)')
         over = a.budget_min and (time.time() - t_start) / 60 > a.budget_min
         for j in list(todo):
             if len(running) >= a.jobs or over:
@@ -164,13 +181,14 @@ def schedule(a):
             if any(d in failed for d in j['deps']):
                 todo.remove(j)
                 failed.add(j['name'])
+                bar.update()
                 continue
             if not all(finished(d) for d in j['deps']):
                 continue
             todo.remove(j)
             if alive_elsewhere(j['name']):   # started by an earlier scheduler: wait for it
                 running[j['name']] = (Waiter(j['name'], alive_elsewhere), time.time())
-                print(f'[{(time.time() - t_start) / 60:6.1f} min] waiting for running {j["name"]}', flush=True)
+                say(f'waiting for running {j["name"]}')
                 continue
             cmd = [sys.executable, '-m', 'experiments.reproduce', '--job', j['name']] + a.passthrough
             log = open(os.path.join(OUT, 'logs', j['name'] + '.log'), 'a')
@@ -178,11 +196,12 @@ def schedule(a):
                                                    env=dict(os.environ, OMP_NUM_THREADS='1'),
                                                    start_new_session=True), time.time())   # (own group: halt)
             started += 1
-            print(f'[{(time.time() - t_start) / 60:6.1f} min] start {j["name"]}', flush=True)
+            say(f'start {j["name"]}')
         if over and not running:
             print(f'budget of {a.budget_min} min reached; not started: {[j["name"] for j in todo]}', flush=True)
             break
         time.sleep(2)
+    bar.close()
     for sig, h in old.items():
         signal.signal(sig, h)
     print(f'all done in {(time.time() - t_start) / 60:.1f} min; failed: {sorted(failed) or "none"}', flush=True)
@@ -220,7 +239,8 @@ def main():
     p.add_argument('--mnist-lr', type=float, default=5e-4)
     p.add_argument('--mnist-n', type=int, default=256, help='MNIST: samples per evaluation')
     p.add_argument('--dtype-check', action='store_true', help='also vanilla toy runs trained and evaluated in bf16 '
-                   '(results/dtype/), paired by seed with the fp32 ones: what --dtype auto changes')
+                   '(results/dtype/), paired by seed with the fp32 ones: what --dtype auto changes (with --mnist: '
+                   "fp32-trained twins of MNIST's bf16 T = 50 vanilla runs)")
     p.add_argument('--eval', choices=('grid', 'fast'), default='grid',
                    help="grid: how results/steps was evaluated (its tables pair runs on it); fast: the ES "
                         "scale by golden-section search and shared chains (protocol.evaluate_steps), for new tables")
@@ -230,6 +250,10 @@ def main():
                         'fresh REPRO_RESULTS: runs are paired by seed only within one setting)')
     p.add_argument('--sweep', action='store_true', help="only the regulariser's strength sweep on 8gaussians "
                    '(results/sweep/, summary results/sweep_toy.json), paired by seed with the vanilla runs')
+    p.add_argument('--resolution', action='store_true', help='only the toy metric with resolution: results/steps\' '
+                   '8gaussians vanilla and reg models retrained and scored by the unbiased MMD^2 of --resolution-n '
+                   'samples, two kernels, with its floor (results/resolution/, summary results/resolution_toy.json)')
+    p.add_argument('--resolution-n', type=int, default=5000, help='samples and fresh true draws per score')
     p.add_argument('--report', action='store_true', help='only aggregate and plot what exists')
     p.add_argument('--job', help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -241,7 +265,13 @@ def main():
         job = next((j for j in job_list(a) if j['name'] == a.job), None)
         if job is None:
             R.fail(f'no job {a.job}')
-        dict(timing=job_timing, steps=job_steps)[job['kind']](a, job)
+        dict(timing=job_timing, steps=job_steps, resolution=job_resolution)[job['kind']](a, job)
+        return
+    if a.resolution:
+        a.only = ['resolution_']
+        schedule(a)
+        from experiments.report import resolution_summary
+        print(resolution_summary())
         return
     if a.dtype_check or a.sweep:   # only these pairs: the step-count tables stay as they are
         family = 'dtype' if a.dtype_check else 'sweep'

@@ -3,7 +3,6 @@
     python -m neighbours.collapse --dataset gmm10d --generations 20 --alphas 0.1 0.5 0.9
     python -m neighbours.collapse ... -- --lr 5e-4          # flags after -- go to every train.py run
     python -m neighbours.collapse --score kde --runs 10     # the seed paper's own synthetic protocol
-
 Two protocols. `--score mlp` (default) is the project's own extension: every generation trains an MLP
 denoiser (train.py). `--score kde` is the seed paper's synthetic experiment (arXiv 2602.16601), whose
 "model" is the exact score of a Gaussian kernel density estimate; see KDE PROTOCOL below.
@@ -26,18 +25,15 @@ floor); generation g >= 1 is the KDE model (kde.py: exact diffused-KDE score, re
 Euler-Maruyama from T = 4 to t0 = 0.02 in 500 steps) fitted to a training set X of n points
 (--n-train) drawn from q_{g-1} = alpha p_data + (1 - alpha) p_{g-1} (q_0 = p_data): round(alpha n)
 fresh real points and the rest taken from generation g-1's N samples (--n-samples). The paper's
-N = n = 100,000 costs 10^10 pairs per step on a CPU; the default is n = N = 1,000 (the measured
-effect of n is in the README).
+N = n = 100,000 costs 10^10 pairs a step on a CPU; the default is n = N = 1,000 (effect of n: README).
 Metrics per generation and run, mean / std / min / max over --runs runs (paper: 10):
   drift %       = as in the MLP protocol (total E||x||^2 / D over the true value, minus 1);
   within_var    = per-coordinate second moment about the nearest true component mean (true: std^2);
   MMD           = as in the MLP protocol, first n-eval samples against n-eval fresh true samples;
-  closure       = the third-party analytic closure of this setting (NOT the paper's): fitting a KDE adds
-                  h^2 I to the training distribution's covariance, so v_g = alpha s^2 + (1 - alpha) v_{g-1}
-                  + h^2, v_0 = s^2, i.e. v_g = s^2 + h^2 (1 - (1 - alpha)^g) / alpha per component, and the
-                  same for E||x||^2 / D: drift_g = 100 h^2 (1 - (1 - alpha)^g) / (alpha E||x||^2 / D)
-                  (+108 / +25 / +14 % at g = 20 for alpha 0.1 / 0.5 / 0.9 on gmm5x10). The second-moment
-                  recursion is exact in expectation for any data set if the sampler is exact.
+  closure       = the third-party analytic closure (NOT the paper's): a KDE adds h^2 I to the training
+                  covariance, so v_g = alpha s^2 + (1 - alpha) v_{g-1} + h^2 (v_0 = s^2) per component,
+                  and drift_g = 100 h^2 (1 - (1 - alpha)^g) / (alpha E||x||^2 / D) (+108 / +25 / +14 % at
+                  g = 20, alpha 0.1 / 0.5 / 0.9, gmm5x10): exact in expectation for an exact sampler.
 Samples are stored per (run, alpha, generation) in out_dir/run{r}/...; a restarted or extended
 command (more generations, runs or alphas) redoes nothing stored; changing a run-defining flag is
 refused. Random streams: runtime.rng(seed, stream, run, generation), shared by all alphas, so the
@@ -347,6 +343,7 @@ def main_kde(a):
           f'{a.steps} Euler-Maruyama steps from T = {a.sde_T} to t0 = {a.t0}, generations 1..'
           f'{a.generations}, alphas {a.alphas}, {a.runs} run(s)', flush=True)
     per_run, secs, t_start = {}, [], time.time()
+    bar = R.progress_bar(a.runs * a.generations * len(a.alphas), 'collapse (kde)', 'gen')
     for run in range(a.runs):
         ref = D.sample_toy(a.dataset, a.n_eval, R.rng(a.seed, 'kde-ref', run))
         x0 = D.sample_toy(a.dataset, a.n_samples, R.rng(a.seed, 'kde-real', run, 0))
@@ -356,9 +353,9 @@ def main_kde(a):
         for g in range(1, a.generations + 1):
             for alpha in a.alphas:
                 prev[alpha], sec = kde_generation(a, run, alpha, g, prev[alpha], sched)
-                if sec:
-                    secs.append(sec)
+                secs += [sec] if sec else []
                 per_run[run][alpha].append(kde_measure(a, prev[alpha], ref))
+                bar.update()
             r = {al: rows[-1] for al, rows in per_run[run].items()}
             print(f'run {run} gen {g:2d}: drift % ' + ', '.join(f'{al:g}: {v["drift_pct"]:+.1f}'
                   for al, v in r.items()) + f' | elapsed {(time.time() - t_start) / 60:.1f} min', flush=True)
@@ -366,6 +363,7 @@ def main_kde(a):
             out['seconds_per_generation'] = sum(secs) / len(secs) if secs else None
             R.write_json(json_path, out)
         plot_kde(out['results'], os.path.join(a.out_dir, 'collapse.png'), a.dataset)
+    bar.close()
     out['results'] = kde_results(a, per_run)
     R.write_json(json_path, out)
     plot_kde(out['results'], os.path.join(a.out_dir, 'collapse.png'), a.dataset)
@@ -416,6 +414,7 @@ def main(argv=None):
     R.write_json(json_path, out)
     plot(results, os.path.join(a.out_dir, 'collapse.png'))
     prev = {alpha: gen0 for alpha in a.alphas}
+    bar = R.progress_bar(a.generations * len(a.alphas), 'collapse', 'gen')
     for g in range(1, a.generations + 1):   # generation-major: partial results cover every alpha
         for alpha in a.alphas:
             prev[alpha] = one_generation(a, alpha, g, max(a.n_eval, syn[alpha]),
@@ -423,10 +422,12 @@ def main(argv=None):
             r = dict(gen=g, **measure(a, prev[alpha], ref))
             results[f'{alpha:g}'].append(r)
             drift = '' if r['drift_pct'] is None else f"drift {r['drift_pct']:+.1f} % | "
-            print(f"alpha {alpha:g} gen {g:2d}: {drift}MMD {r['mmd']:+.4f} | "
-                  f"elapsed {(time.time() - t_start) / 60:.1f} min", flush=True)
+            bar.update()
+            bar.write(f"alpha {alpha:g} gen {g:2d}: {drift}MMD {r['mmd']:+.4f} | "
+                      f"elapsed {(time.time() - t_start) / 60:.1f} min", sys.stdout)
         R.write_json(json_path, out)
         plot(results, os.path.join(a.out_dir, 'collapse.png'))
+    bar.close()
     col = 'drift_pct' if D.is_toy(a.dataset) else 'mmd'
     fmt = (lambda v: f'{v:+.1f}') if col == 'drift_pct' else (lambda v: f'{v:+.4f}')
     print(f"\n{'second-moment drift (%)' if col == 'drift_pct' else 'MMD'} per generation\n")

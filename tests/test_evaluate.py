@@ -18,6 +18,7 @@ from pytorch_fid.fid_score import calculate_frechet_distance
 
 import data as D
 import evaluate as ev
+import sample
 from metrics import fid as F
 import runtime as R
 import train
@@ -401,3 +402,47 @@ def test_few_step_bad_input_one_line(toy_runs, tmp_path, args, word):
     msg = str(e.value)
     assert msg.startswith('error:') and '\n' not in msg and word in msg, msg
     assert os.listdir(tmp_path) == []
+
+
+@need_mnist
+def test_fid_repeats_score_disjoint_seed_blocks_whatever_the_batch(mnist_net, mnist_small, tmp_path, capsys):
+    """--repeats R scores R disjoint blocks of sample seeds (0..n-1, n..2n-1, ...) and reports their
+    mean ± std, not the best; a sample's seed alone fixes its image, so the batch size changes
+    nothing and block 0 is the plain run of n samples."""
+    _, _, path = mnist_net
+    run = str(tmp_path / 'run')
+    train.main(['--dataset', 'mnist', '--data-dir', str(mnist_small), '--image-size', '14', '--model', 'tiny',
+                '--T', '10', '--max-steps', '2', '--batch-size', '8', '--n-preview', '4', '--log-every', '1',
+                '--out-dir', run, '--device', 'cpu'])
+    common = ['fid', '--ckpt', run, '--features', 'mnist-classifier', '--classifier', path, '--n', '6',
+              '--steps', '5', '--device', 'cpu']
+    res = {}
+    for name, extra in (('b4', ['--repeats', '3', '--sample-batch', '4']),
+                        ('b18', ['--repeats', '3', '--sample-batch', '18']), ('one', ['--sample-batch', '5'])):
+        ev.main(common + extra + ['--out', str(tmp_path / name)])
+        res[name] = json.load(open(tmp_path / f'{name}.json'))
+    line = capsys.readouterr().out.strip().splitlines()[-2]   # the b18 run's line
+    r = res['b4']
+    assert r['repeats'] == 3 and r['n'] == 6 and len(r['fid_blocks']) == len(r['kid_blocks']) == 3
+    assert r['fid_blocks'] == pytest.approx(res['b18']['fid_blocks'], rel=1e-5)   # batch size: no effect
+    assert res['one']['fid'] == pytest.approx(r['fid_blocks'][0], rel=1e-5)         # block 0 = seeds 0..n-1
+    assert len(set(np.round(r['fid_blocks'], 6))) == 3                                # disjoint blocks differ
+    assert r['fid'] == pytest.approx(np.mean(r['fid_blocks'])) and r['fid'] != min(r['fid_blocks'])
+    assert r['fid_std'] == pytest.approx(np.std(r['fid_blocks'], ddof=1))
+    assert r['kid_std'] == pytest.approx(np.std(r['kid_blocks'], ddof=1))
+    assert f"FD_mnist-classifier {res['b18']['fid']:.4f} ± {res['b18']['fid_std']:.4f} (std over 3 blocks)" in line
+    assert res['one']['fid_std'] is None
+    with pytest.raises(SystemExit, match='--repeats >= 1'):
+        ev.main(common + ['--repeats', '0', '--out', str(tmp_path / 'bad')])
+
+
+def test_sample_py_images_depend_on_their_seed_alone(tmp_path):
+    run = str(tmp_path / 'run')
+    train.main(['--dataset', '8gaussians', '--T', '20', '--toy-n', '500', '--max-steps', '2', '--n-preview', '8',
+                '--log-every', '1', '--out-dir', run])
+    out = {}
+    for b in (3, 7):
+        sample.main(['--ckpt', run, '--n', '10', '--sample-batch', str(b), '--npz', str(tmp_path / f'{b}.npz')])
+        out[b] = np.load(tmp_path / f'{b}.npz')['samples']
+    sample.main(['--ckpt', run, '--n', '4', '--npz', str(tmp_path / 'four.npz')])
+    assert np.array_equal(out[3], out[7]) and np.array_equal(np.load(tmp_path / 'four.npz')['samples'], out[3][:4])

@@ -5,6 +5,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+import torch
+
+import runtime as R
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -113,3 +119,37 @@ def test_sigterm_stops_the_scheduler_keeps_results_and_a_rerun_resumes(tmp_path)
     again = run(tmp_path, *args, '--max-steps', '5')
     assert again.returncode == 0 and 'failed: none' in again.stdout, again.stdout[-2000:]
     assert (tmp_path / 'results' / 'steps' / f'{job}.json').is_file()
+
+
+def test_resolution_scores_and_summary(tmp_path, monkeypatch):
+    """The toy metric with resolution: unbiased MMD^2 and its floor from streams of (seed, eval
+    seed, purpose, S); the summary pairs reg with vanilla by seed, Holm over the table's cells."""
+    import model as M
+    from experiments import protocol as P, report as RP
+    torch.manual_seed(0)
+    net, diff = M.build_model('mlp', (2,)).eval(), R.make_diffusion(dict(T=20, beta_1=1e-3, beta_T=0.2, sigma='beta'))
+    a = P.resolution_scores(net, diff, '8gaussians', 0, n=60, steps=(5, 10, 1000), eval_seeds=(0, 1))
+    b = P.resolution_scores(net, diff, '8gaussians', 0, n=60, steps=(5, 10, 1000), eval_seeds=(0,))
+    c = P.resolution_scores(net, diff, '8gaussians', 1, n=60, steps=(5, 10, 1000), eval_seeds=(0,))
+    assert sorted(a) == ['e0', 'e1'] and sorted(a['e0']) == ['gaussian', 'laplace'] and sorted(a['e0']['gaussian']) == [5, 10]
+    assert a['e0'] == b['e0'] and a['e0'] != a['e1'] and a['e0'] != c['e0']   # deterministic, apart per seed
+    assert a['e0']['gaussian'][5]['model'] > 10 * abs(a['e0']['gaussian'][5]['floor'])   # an untrained net
+    folder = tmp_path / 'resolution'
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for seed in range(4):
+        base = {k: {S: dict(model=0.01 + 0.001 * rng.standard_normal(), floor=1e-4 * rng.standard_normal())
+                    for S in (10, 20, 50)} for k in ('gaussian', 'laplace')}
+        for m, shift in (('vanilla', 0.0), ('reg', 0.005)):
+            scores = {f'e{e}': {k: {S: dict(v, model=v['model'] + shift + 1e-5 * e) for S, v in d.items()}
+                                for k, d in base.items()} for e in range(3 if seed == 0 else 1)}
+            R.write_json(folder / f'resolution_8gaussians_T50_{m}_s{seed}.json',
+                         dict(job=dict(regime='T50', method=m, seed=seed), n=60, scores=scores))
+    monkeypatch.setattr(RP, 'RES', str(tmp_path))
+    md = RP.resolution_summary()
+    s = json.load(open(tmp_path / 'resolution_toy.json'))['T50']
+    assert s['seeds'] == [0, 1, 2, 3] and len(s['cells']) == 6 and (tmp_path / 'resolution_toy.png').is_file()
+    for cell in s['cells']:
+        assert cell['diff'] == pytest.approx(0.005) and cell['p_holm'] < 1e-6 and cell['ci'][0] > 0.004
+        assert cell['eval_repeat_std'] == pytest.approx(1e-5) and cell['floor_std'] > 0
+    assert '| gaussian | 10 |' in md and 'Holm' in md

@@ -396,24 +396,26 @@ def resolution_summary():
 
 
 def plot_resolution(out):
-    """Vanilla and reg (mean over seeds of the gaussian-kernel MMD^2) against S, per regime, with
-    the perfect-model floor as a band (its mean ± 2 std)."""
+    """Vanilla and reg (mean over seeds of the unbiased MMD^2) against S, per kernel (rows) and
+    regime (columns), with the perfect-model floor as a band (its mean ± 2 std)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(out), figsize=(5 * len(out), 3.6), squeeze=False)
-    for ax, (rg, r) in zip(axes[0], out.items()):
-        c = [x for x in r['cells'] if x['kernel'] == 'gaussian']
-        S = [x['S'] for x in c]
-        ax.plot(S, [x['vanilla_mean'] for x in c], 'o-', label='vanilla')
-        ax.errorbar(S, [x['vanilla_mean'] + x['diff'] for x in c], yerr=[(x['ci'][1] - x['ci'][0]) / 2 for x in c],
-                    fmt='s--', capsize=3, label='reg (paired 95 % CI of the change)')
-        lo = [x['floor_mean'] - 2 * x['floor_std'] for x in c]
-        ax.fill_between(S, lo, [x['floor_mean'] + 2 * x['floor_std'] for x in c], color='grey', alpha=0.3,
-                        label='perfect-model floor (mean ± 2 std)')
-        ax.set_xscale('log')
-        ax.set_xlabel('sampling steps S (ancestral)')
-        ax.set_ylabel('MMD^2 (gaussian, unbiased)')
-        ax.set_title(f"8gaussians {rg}: n = {r['n']}, {len(r['seeds'])} seeds")
-        ax.legend(fontsize=7)
+    fig, axes = plt.subplots(2, len(out), figsize=(5 * len(out), 6.4), squeeze=False)
+    for j, (rg, r) in enumerate(out.items()):
+        for ax, kern in zip(axes[:, j], ('gaussian', 'laplace')):
+            c = [x for x in r['cells'] if x['kernel'] == kern]
+            S = [x['S'] for x in c]
+            ax.plot(S, [x['vanilla_mean'] for x in c], 'o-', label='vanilla')
+            ax.errorbar(S, [x['vanilla_mean'] + x['diff'] for x in c], yerr=[(x['ci'][1] - x['ci'][0]) / 2 for x in c],
+                        fmt='s--', capsize=3, label='reg (paired 95 % CI of the change)')
+            ax.fill_between(S, [x['floor_mean'] - 2 * x['floor_std'] for x in c],
+                            [x['floor_mean'] + 2 * x['floor_std'] for x in c], color='grey', alpha=0.3,
+                            label='perfect-model floor (mean ± 2 std)')
+            ax.set_xscale('log')
+            ax.set_xlabel('sampling steps S (ancestral)')
+            ax.set_ylabel(f'MMD^2 ({kern}, unbiased)')
+            ax.set_title(f"8gaussians {rg}, {kern}: n = {r['n']}, {len(r['seeds'])} seeds", fontsize=9)
+            ax.legend(fontsize=6)
+    fig.tight_layout()
     R.save_figure(fig, os.path.join(RES, 'resolution_toy.png'))

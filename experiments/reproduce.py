@@ -14,8 +14,10 @@ JSON), every timing `python -m experiments.bench --what methods ...`. All proces
 single-threaded (OMP_NUM_THREADS=1): the machine is a shared 2-core CPU.
 """
 import argparse
+import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -122,6 +124,37 @@ def job_resolution(a, job):
                                         eval_seeds=range(5) if job['seed'] == 0 else (0,))
     res.update(n=a.resolution_n, eval_wall_s=time.time() - t0, config=cfg)
     R.write_json(result_path(job['name']), res)
+
+
+# ---- RESULTS.md checks itself against results/ ----------------------------------------------------
+def check_results(md_path=os.path.join(ROOT, 'RESULTS.md'), res=None):
+    """What in RESULTS.md disagrees with results/ (an empty list: nothing): every results/ path it
+    names exists; every table it copies from a report (a bold heading of results/steps_tables.md)
+    equals that report's table now; the resolution table's rows are those of resolution_toy.json;
+    and no table or figure of the step-count report is older than a run JSON it reads."""
+    res, text, bad = res or RES, open(md_path).read(), []
+    for path in sorted(set(re.findall(r'results/[A-Za-z0-9_./*{},-]*[A-Za-z0-9_*}/]', text))):
+        if not glob.glob(os.path.join(os.path.dirname(res), path.replace('{', '*').split(',')[0].split('}')[0])):
+            bad.append(f'RESULTS.md names {path}, which results/ does not hold')
+    tables = os.path.join(res, 'steps_tables.md')
+    if os.path.isfile(tables):
+        sections = {h.replace('Headline, ', ''): b.strip().split('\n\n')[0] for h, b in
+                    re.findall(r'^### (.+)\n([\s\S]*?)(?=^### |\Z)', open(tables).read(), re.M)}
+        for head, body in re.findall(r'^\*\*(.+)\*\*\n\n((?:\|.*\n)+)', text, re.M):
+            if head in sections and body.strip() != sections[head].strip():
+                bad.append(f'RESULTS.md table "{head[:60]}" differs from results/steps_tables.md: rerun the report and copy it')
+    rows = [ln for ln in text.split('\n') if re.match(r'^\| (1000|50) \| (gaussian|laplace) \|', ln)]
+    if rows and os.path.isfile(os.path.join(res, 'resolution_toy.json')):
+        want = {f"| {rg[1:]} | {c['kernel']} | {c['S']} | {1e4 * c['vanilla_mean']:.2f}" for rg, r in
+                read_json(os.path.join(res, 'resolution_toy.json')).items() for c in r['cells']}
+        bad += [f'RESULTS.md resolution row "{ln[:40]}" is not in resolution_toy.json' for ln in rows
+                if not any(ln.startswith(w + ' ') for w in want)]
+    runs = glob.glob(os.path.join(res, 'steps', '*.json'))   # (file times: in a fresh clone all equal, so this
+    newest = max(map(os.path.getmtime, runs), default=0)      # catches runs added after the report was drawn)
+    for out in glob.glob(os.path.join(res, 'steps_*.png')) + [tables]:
+        if os.path.isfile(out) and os.path.getmtime(out) < newest - 1:
+            bad.append(f'{os.path.relpath(out, ROOT)} is older than a run in results/steps/: rerun --report')
+    return bad
 
 
 class Waiter:
@@ -255,6 +288,8 @@ def main():
                    'samples, two kernels, with its floor (results/resolution/, summary results/resolution_toy.json)')
     p.add_argument('--resolution-n', type=int, default=5000, help='samples and fresh true draws per score')
     p.add_argument('--report', action='store_true', help='only aggregate and plot what exists')
+    p.add_argument('--check', action='store_true', help='only check RESULTS.md against results/ (exit 1 on any '
+                   'disagreement: a missing file, a copied table or resolution row that differs, a stale figure)')
     p.add_argument('--job', help=argparse.SUPPRESS)
     a = p.parse_args()
     if len(a.seeds) < 1 or a.max_steps < 5 or a.n_true < 2 or a.n_ref < 2 or a.jobs < 1:
@@ -267,6 +302,10 @@ def main():
             R.fail(f'no job {a.job}')
         dict(timing=job_timing, steps=job_steps, resolution=job_resolution)[job['kind']](a, job)
         return
+    if a.check:
+        bad = check_results()
+        print('\n'.join(bad) or 'RESULTS.md agrees with results/')
+        raise SystemExit(1 if bad else 0)
     if a.resolution:
         a.only = ['resolution_']
         schedule(a)

@@ -139,13 +139,14 @@ def job_list(a):
                                      regime=rg, variant=f'{rg}_{arm}', method=arm, seed=seed, steps=a.max_steps,
                                      deps=[], flags=REGIMES[rg] + fl + TOY_DTYPE,
                                      pair=f'steps_8gaussians_{rg}_vanilla_s{seed}'))
-    if getattr(a, 'resolution', False):   # issue 27: results/steps' 8gaussians vanilla and reg models (the same
-        for rg in REGIMES:                   # flags and seeds retrain them), scored with a metric of resolution
-            for seed in a.seeds:
-                for m in ('vanilla', 'reg'):
-                    jobs.append(dict(name=f'resolution_8gaussians_{rg}_{m}_s{seed}', kind='resolution', deps=[],
-                                     dataset='8gaussians', regime=rg, method=m, seed=seed, steps=a.max_steps,
-                                     flags=REGIMES[rg] + METHODS[m] + TOY_DTYPE))
+    if getattr(a, 'resolution', False):   # issue 27: results/steps' toy vanilla and reg models (the same flags
+        for ds in TOY_SETS:                  # and seeds retrain them), scored with a metric of resolution
+            for rg in REGIMES:
+                for seed in a.seeds:
+                    for m in ('vanilla', 'reg'):
+                        jobs.append(dict(name=f'resolution_{ds}_{rg}_{m}_s{seed}', kind='resolution', deps=[],
+                                         dataset=ds, regime=rg, method=m, seed=seed, steps=a.max_steps,
+                                         flags=REGIMES[rg] + METHODS[m] + TOY_DTYPE))
     if a.mnist:   # T = 50 first: where the toy sets show the regulariser doing something
         fl = mnist_flags(a) + ['--dtype', 'bf16']   # bf16 trains as well as fp32 (results/paper1000/runs/mnist_dtype_*)
         for group in ((('T50', 'vanilla'), ('T50', 'reg')), (('T50', 'ip'), ('T50', 'sa'))):

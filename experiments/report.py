@@ -357,20 +357,21 @@ def resolution_summary():
     evaluation of one model (seed 0) beside the spread over training seeds. Returns the markdown."""
     folder = os.path.join(RES, 'resolution')
     runs = [read_json(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if f.endswith('.json')]
-    by = {(r['job']['regime'], r['job']['method'], r['job']['seed']): r for r in runs}
+    by = {(r['job'].get('dataset', '8gaussians'), r['job']['regime'], r['job']['method'], r['job']['seed']): r
+          for r in runs}
     out, lines = {}, []
-    for rg in REGIMES:
-        seeds = sorted(s for (g, m, s) in by if g == rg and m == 'vanilla' and (g, 'reg', s) in by)
+    for ds, rg in sorted({k[:2] for k in by}, key=lambda k: (k[0], k[1] != 'T1000')):
+        seeds = sorted(s for (d, g, m, s) in by if (d, g, m) == (ds, rg, 'vanilla') and (ds, g, 'reg', s) in by)
         if len(seeds) < 2:
             continue
         cells = []
         for kern in ('gaussian', 'laplace'):
-            for S in (S for S in STEPS if str(S) in by[(rg, 'vanilla', seeds[0])]['scores']['e0'][kern]):
-                get = lambda m, s, e='e0', what='model': by[(rg, m, s)]['scores'][e][kern][str(S)][what]  # noqa: E731
+            for S in (S for S in STEPS if str(S) in by[(ds, rg, 'vanilla', seeds[0])]['scores']['e0'][kern]):
+                get = lambda m, s, e='e0', what='model': by[(ds, rg, m, s)]['scores'][e][kern][str(S)][what]  # noqa: E731
                 van = [get('vanilla', s) for s in seeds]
                 t = ST.paired([get('reg', s) - get('vanilla', s) for s in seeds])
                 floor = [get(m, s, what='floor') for m in ('vanilla', 'reg') for s in seeds]
-                reps = [get('vanilla', 0, e) for e in by[(rg, 'vanilla', 0)]['scores']] if 0 in seeds else []
+                reps = [get('vanilla', 0, e) for e in by[(ds, rg, 'vanilla', 0)]['scores']] if 0 in seeds else []
                 cells.append(dict(kernel=kern, S=S, vanilla_mean=float(np.mean(van)), vanilla_std=float(np.std(van, ddof=1)),
                                   diff=t['mean'], ci=list(t['ci']), p=t['p'], diff_std=t['std'],
                                   floor_mean=float(np.mean(floor)), floor_std=float(np.std(floor, ddof=1)),
@@ -378,8 +379,8 @@ def resolution_summary():
         for c, q in zip(cells, ST.holm([c['p'] for c in cells])):
             c['p_holm'] = q
             c['min_detectable'] = ST.min_detectable(c['diff_std'], len(seeds), 0.05 / len(cells))
-        out[rg] = dict(seeds=seeds, n=runs[0]['n'], cells=cells)
-        lines += [f"\n**8gaussians {rg}** ({len(seeds)} seeds, unbiased MMD^2 of n = {runs[0]['n']} samples against "
+        out[f'{ds}_{rg}'] = dict(dataset=ds, regime=rg, seeds=seeds, n=runs[0]['n'], cells=cells)
+        lines += [f"\n**{ds} {rg}** ({len(seeds)} seeds, unbiased MMD^2 of n = {runs[0]['n']} samples against "
                   f"n fresh true draws; x 1e-4)\n",
                   '| kernel | S | vanilla | reg - vanilla [95 % CI] | p (Holm) | floor | detectable | eval-repeat std |',
                   '|---|---:|---:|---:|---:|---:|---:|---:|']
@@ -415,7 +416,7 @@ def plot_resolution(out):
             ax.set_xscale('log')
             ax.set_xlabel('sampling steps S (ancestral)')
             ax.set_ylabel(f'MMD^2 ({kern}, unbiased)')
-            ax.set_title(f"8gaussians {rg}, {kern}: n = {r['n']}, {len(r['seeds'])} seeds", fontsize=9)
+            ax.set_title(f"{rg.replace('_', ' ')}, {kern}: n = {r['n']}, {len(r['seeds'])} seeds", fontsize=9)
             ax.legend(fontsize=6)
     fig.tight_layout()
     R.save_figure(fig, os.path.join(RES, 'resolution_toy.png'))

@@ -143,10 +143,10 @@ def check_results(md_path=os.path.join(ROOT, 'RESULTS.md'), res=None):
         for head, body in re.findall(r'^\*\*(.+)\*\*\n\n((?:\|.*\n)+)', text, re.M):
             if head in sections and body.strip() != sections[head].strip():
                 bad.append(f'RESULTS.md table "{head[:60]}" differs from results/steps_tables.md: rerun the report and copy it')
-    rows = [ln for ln in text.split('\n') if re.match(r'^\| (1000|50) \| (gaussian|laplace) \|', ln)]
+    rows = [ln for ln in text.split('\n') if re.match(r'^\| \w+ \| (1000|50) \| (gaussian|laplace) \|', ln)]
     if rows and os.path.isfile(os.path.join(res, 'resolution_toy.json')):
-        want = {f"| {rg[1:]} | {c['kernel']} | {c['S']} | {1e4 * c['vanilla_mean']:.2f}" for rg, r in
-                read_json(os.path.join(res, 'resolution_toy.json')).items() for c in r['cells']}
+        want = {f"| {r['dataset']} | {r['regime'][1:]} | {c['kernel']} | {c['S']} | {1e4 * c['vanilla_mean']:.2f}"
+                for r in read_json(os.path.join(res, 'resolution_toy.json')).values() for c in r['cells']}
         bad += [f'RESULTS.md resolution row "{ln[:40]}" is not in resolution_toy.json' for ln in rows
                 if not any(ln.startswith(w + ' ') for w in want)]
     runs = glob.glob(os.path.join(res, 'steps', '*.json'))   # (file times: in a fresh clone all equal, so this

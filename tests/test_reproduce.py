@@ -147,7 +147,7 @@ def test_resolution_scores_and_summary(tmp_path, monkeypatch):
                          dict(job=dict(regime='T50', method=m, seed=seed), n=60, scores=scores))
     monkeypatch.setattr(RP, 'RES', str(tmp_path))
     md = RP.resolution_summary()
-    s = json.load(open(tmp_path / 'resolution_toy.json'))['T50']
+    s = json.load(open(tmp_path / 'resolution_toy.json'))['8gaussians_T50']
     assert s['seeds'] == [0, 1, 2, 3] and len(s['cells']) == 6 and (tmp_path / 'resolution_toy.png').is_file()
     for cell in s['cells']:
         assert cell['diff'] == pytest.approx(0.005) and cell['p_holm'] < 1e-6 and cell['ci'][0] > 0.004
@@ -165,9 +165,10 @@ def test_results_md_checks_itself(tmp_path):
     (res / 'steps' / 'steps_a_s0.json').write_text('{}')
     table = '| method | S=10 |\n|---|---|\n| sa | -0.0114 ± 0.0023* |\n'
     (res / 'steps_tables.md').write_text(f'note\n\n### Headline, toy, ancestral: change\n{table}\n* = Holm ...\n')
-    R.write_json(res / 'resolution_toy.json', {'T50': dict(cells=[dict(kernel='laplace', S=10, vanilla_mean=7.228e-3)])})
+    R.write_json(res / 'resolution_toy.json', {'toy_T50': dict(dataset='toy', regime='T50', cells=[
+        dict(kernel='laplace', S=10, vanilla_mean=7.228e-3)])})
     good = (f'See results/steps_tables.md.\n\n**toy, ancestral: change**\n\n{table}\n'
-            '| 50 | laplace | 10 | 72.28 ± 1.70 | floor |\n')
+            '| toy | 50 | laplace | 10 | 72.28 ± 1.70 | floor |\n')
     md = tmp_path / 'RESULTS.md'
     md.write_text(good)
     assert RP.check_results(str(md), str(res)) == []

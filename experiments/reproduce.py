@@ -284,7 +284,7 @@ def main():
     p.add_argument('--sweep', action='store_true', help="only the regulariser's strength sweep on 8gaussians "
                    '(results/sweep/, summary results/sweep_toy.json), paired by seed with the vanilla runs')
     p.add_argument('--resolution', action='store_true', help='only the toy metric with resolution: results/steps\' '
-                   '8gaussians vanilla and reg models retrained and scored by the unbiased MMD^2 of --resolution-n '
+                   'toy vanilla and reg models retrained and scored by the unbiased MMD^2 of --resolution-n '
                    'samples, two kernels, with its floor (results/resolution/, summary results/resolution_toy.json)')
     p.add_argument('--resolution-n', type=int, default=5000, help='samples and fresh true draws per score')
     p.add_argument('--report', action='store_true', help='only aggregate and plot what exists')

@@ -307,15 +307,20 @@ def test_fid_cli_mnist_classifier(mnist_net, mnist_small, tmp_path, capsys):
     assert n['fid'] > 10 * r['fid'] > 0 and n['kid'] > 10 * abs(r['kid']) and r['kid_std'] >= 0
 
 
+def tiny_mnist_run(data_dir, out):
+    """A 2-step run of the tiny U-Net on 14 x 14 digits at T = 10; returns its folder."""
+    train.main(['--dataset', 'mnist', '--data-dir', str(data_dir), '--image-size', '14', '--model', 'tiny',
+                '--T', '10', '--max-steps', '2', '--batch-size', '8', '--n-preview', '4', '--log-every', '1',
+                '--out-dir', str(out), '--device', 'cpu'])
+    return str(out)
+
+
 @need_mnist
 def test_fid_cli_mnist_classifier_ckpt(mnist_net, mnist_small, tmp_path, monkeypatch):
     """--ckpt: samples drawn with the chain flags at the run's size; a non-MNIST run is refused
     before any sampling."""
     _, info, path = mnist_net
-    run = str(tmp_path / 'run')
-    train.main(['--dataset', 'mnist', '--data-dir', str(mnist_small), '--image-size', '14', '--model', 'tiny',
-                '--T', '10', '--max-steps', '2', '--batch-size', '8', '--n-preview', '4', '--log-every', '1',
-                '--out-dir', run, '--device', 'cpu'])
+    run = tiny_mnist_run(mnist_small, tmp_path / 'run')
     common = ['fid', '--ckpt', run, '--features', 'mnist-classifier', '--classifier', path, '--n', '8',
               '--sample-batch', '8', '--device', 'cpu']
     ev.main(common + ['--sampler', 'ddim', '--steps', '5', '--out', str(tmp_path / 'f')])
@@ -410,10 +415,7 @@ def test_fid_repeats_score_disjoint_seed_blocks_whatever_the_batch(mnist_net, mn
     mean ± std, not the best; a sample's seed alone fixes its image, so the batch size changes
     nothing and block 0 is the plain run of n samples."""
     _, _, path = mnist_net
-    run = str(tmp_path / 'run')
-    train.main(['--dataset', 'mnist', '--data-dir', str(mnist_small), '--image-size', '14', '--model', 'tiny',
-                '--T', '10', '--max-steps', '2', '--batch-size', '8', '--n-preview', '4', '--log-every', '1',
-                '--out-dir', run, '--device', 'cpu'])
+    run = tiny_mnist_run(mnist_small, tmp_path / 'run')
     common = ['fid', '--ckpt', run, '--features', 'mnist-classifier', '--classifier', path, '--n', '6',
               '--steps', '5', '--device', 'cpu']
     res = {}

@@ -333,7 +333,7 @@ def resolution_scores(model, diff, ds, seed, n=5000, steps=STEPS, eval_seeds=(0,
         for S in (S for S in steps if S <= diff.T):
             g = {p: R.rng(seed, 'resolution-' + p, e, S) for p in ('sample', 'ref', 'floor')}
             with torch.inference_mode():
-                x = diff.sample(model, (n, *D.sample_toy(ds, 1).shape[1:]), steps=S, generator=g['sample'])
+                x = diff.sample(model, (n, *D.sample_toy(ds, 1, torch.Generator()).shape[1:]), steps=S, generator=g['sample'])
             ref, a, b = (D.sample_toy(ds, n, g[p]) for p in ('ref', 'floor', 'floor'))
             for kern in ('gaussian', 'laplace'):
                 out.setdefault(f'e{e}', {}).setdefault(kern, {})[S] = dict(

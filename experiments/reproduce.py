@@ -130,7 +130,7 @@ def job_resolution(a, job):
 def check_results(md_path=os.path.join(ROOT, 'RESULTS.md'), res=None):
     """What in RESULTS.md disagrees with results/ (an empty list: nothing): every results/ path it
     names exists; every table it copies from a report (a bold heading of results/steps_tables.md)
-    equals that report's table now; the resolution table's rows are those of resolution_toy.json;
+    equals that report's table now; the resolution table's rows are those of resolution_toy.md;
     and no table or figure of the step-count report is older than a run JSON it reads."""
     res, text, bad = res or RES, open(md_path).read(), []
     for path in sorted(set(re.findall(r'results/[A-Za-z0-9_./*{},-]*[A-Za-z0-9_*}/]', text))):
@@ -144,11 +144,12 @@ def check_results(md_path=os.path.join(ROOT, 'RESULTS.md'), res=None):
             if head in sections and body.strip() != sections[head].strip():
                 bad.append(f'RESULTS.md table "{head[:60]}" differs from results/steps_tables.md: rerun the report and copy it')
     rows = [ln for ln in text.split('\n') if re.match(r'^\| \w+ \| (1000|50) \| (gaussian|laplace) \|', ln)]
-    if rows and os.path.isfile(os.path.join(res, 'resolution_toy.json')):
-        want = {f"| {r['dataset']} | {r['regime'][1:]} | {c['kernel']} | {c['S']} | {1e4 * c['vanilla_mean']:.2f}"
-                for r in read_json(os.path.join(res, 'resolution_toy.json')).values() for c in r['cells']}
-        bad += [f'RESULTS.md resolution row "{ln[:40]}" is not in resolution_toy.json' for ln in rows
-                if not any(ln.startswith(w + ' ') for w in want)]
+    made = os.path.join(res, 'resolution_toy.md')
+    if rows and os.path.isfile(made):   # the resolution table: copied from the report, row for row
+        want = [ln for ln in open(made).read().split('\n') if ln.startswith('| ') and not ln.startswith('| set ')]
+        bad += [f'RESULTS.md resolution row "{ln[:40]}" is not in resolution_toy.md' for ln in rows if ln not in want]
+        if len(rows) != len(want):
+            bad.append(f'RESULTS.md has {len(rows)} resolution rows, resolution_toy.md {len(want)}')
     runs = glob.glob(os.path.join(res, 'steps', '*.json'))   # (file times: in a fresh clone all equal, so this
     newest = max(map(os.path.getmtime, runs), default=0)      # catches runs added after the report was drawn)
     for out in glob.glob(os.path.join(res, 'steps_*.png')) + [tables]:

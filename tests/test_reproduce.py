@@ -152,7 +152,7 @@ def test_resolution_scores_and_summary(tmp_path, monkeypatch):
     for cell in s['cells']:
         assert cell['diff'] == pytest.approx(0.005) and cell['p_holm'] < 1e-6 and cell['ci'][0] > 0.004
         assert cell['eval_repeat_std'] == pytest.approx(1e-5) and cell['floor_std'] > 0
-    assert '| gaussian | 10 |' in md and 'Holm' in md
+    assert '| 8gaussians | 50 | gaussian | 10 |' in md and 'Holm' in md
 
 
 def test_results_md_checks_itself(tmp_path):
@@ -165,15 +165,15 @@ def test_results_md_checks_itself(tmp_path):
     (res / 'steps' / 'steps_a_s0.json').write_text('{}')
     table = '| method | S=10 |\n|---|---|\n| sa | -0.0114 ± 0.0023* |\n'
     (res / 'steps_tables.md').write_text(f'note\n\n### Headline, toy, ancestral: change\n{table}\n* = Holm ...\n')
-    R.write_json(res / 'resolution_toy.json', {'toy_T50': dict(dataset='toy', regime='T50', cells=[
-        dict(kernel='laplace', S=10, vanilla_mean=7.228e-3)])})
+    (res / 'resolution_toy.md').write_text('| set | T | kernel | S | vanilla | floor |\n|---|---|---|---|---|---|\n'
+                                           '| toy | 50 | laplace | 10 | 72.28 ± 1.70 | floor |\n')
     good = (f'See results/steps_tables.md.\n\n**toy, ancestral: change**\n\n{table}\n'
             '| toy | 50 | laplace | 10 | 72.28 ± 1.70 | floor |\n')
     md = tmp_path / 'RESULTS.md'
     md.write_text(good)
     assert RP.check_results(str(md), str(res)) == []
     for broken, why in ((good.replace('-0.0114', '-0.0115'), 'differs from results/steps_tables.md'),
-                        (good.replace('72.28', '72.29'), 'is not in resolution_toy.json'),
+                        (good.replace('72.28', '72.29'), 'is not in resolution_toy.md'),
                         (good + 'and results/missing.json\n', 'does not hold')):
         md.write_text(broken)
         bad = RP.check_results(str(md), str(res))

@@ -80,9 +80,9 @@ def read_json(path):
 
 
 def result_path(name):
-    """The file whose existence means job `name` is done (dtype_* / sweep_*: results/dtype|sweep/)."""
+    """The file whose existence means job `name` is done (dtype_* / sweep_* / ...: results/dtype|sweep|.../)."""
     family = name.split('_')[0]
-    return os.path.join(RES, family if family in ('dtype', 'sweep', 'resolution') else 'steps', name + '.json')
+    return os.path.join(RES, family if family in ('dtype', 'sweep', 'resolution', 'fair') else 'steps', name + '.json')
 
 
 def job_list(a):

@@ -27,13 +27,14 @@ os.environ.setdefault('OMP_NUM_THREADS', '1')
 import torch  # noqa: E402
 
 import runtime as R  # noqa: E402
+from experiments import fair as F  # noqa: E402
 from experiments import protocol as P  # noqa: E402
 from experiments.protocol import OUT, RES, ROOT, mnist_flags, read_json, result_path  # noqa: E402
 
 
 def job_list(a):
     """Ordered by priority (what RESULTS.md needs most comes first); --only keeps a subset."""
-    jobs = P.job_list(a)
+    jobs = F.job_list(a) if getattr(a, 'fair', False) else P.job_list(a)
     return [j for j in jobs if any(o in j['name'] for o in a.only)] if a.only else jobs
 
 
@@ -123,6 +124,49 @@ def job_resolution(a, job):
     res['scores'] = P.resolution_scores(model, diff, job['dataset'], job['seed'], n=a.resolution_n,
                                         eval_seeds=range(5) if job['seed'] == 0 else (0,))
     res.update(n=a.resolution_n, eval_wall_s=time.time() - t0, config=cfg)
+    R.write_json(result_path(job['name']), res)
+
+
+def reg_grad(out, name):
+    """bench --what reg-grad on run `out` (40 batches: 20 independent pairs for the cosines)."""
+    tmp = result_path(name) + '.reg_grad.json'
+    bench('--what', 'reg-grad', '--ckpt', out, '--batches', '40', '--json', tmp)
+    g = read_json(tmp)['reg_grad']
+    os.remove(tmp)
+    return {k: v for k, v in g.items() if k != 'rows'}
+
+
+def job_fair_base(a, job):
+    """Issue 28's base: vanilla trained to --fair-base-steps in stages (resumes), each stage scored
+    with PLATEAU_N samples at S = 20 and S = T under its own evaluation seed (the stage's step, so
+    never the final score's streams); then the final model scored as every arm is, and measured
+    with bench --what reg-grad."""
+    plateau, wall = [], 0.0
+    for stage in F.stages(job['steps']):
+        out, res = train_job({**job, 'steps': stage}, a)
+        wall += res['train_wall_s'] or 0.0
+        model, diff, cfg = R.load_checkpoint(out, 'cpu', ema=True, dtype='fp32')
+        steps = [S or diff.T for S in F.PLATEAU_STEPS]
+        plateau.append(dict(step=stage, scores=P.resolution_scores(model, diff, F.DS, job['seed'], n=F.PLATEAU_N,
+                                                                    steps=steps, eval_seeds=(stage,))))
+    t0 = time.time()
+    res.update(plateau=plateau, train_wall_s=wall, config=cfg, n=a.resolution_n,
+               scores=P.resolution_scores(model, diff, F.DS, job['seed'], n=a.resolution_n), reg_grad=reg_grad(out, job['name']))
+    res['eval_wall_s'] = time.time() - t0
+    R.write_json(result_path(job['name']), res)
+
+
+def job_fair_arm(a, job):
+    """Issue 28's arm: --init-from its base, job['steps'] steps of fine-tuning, scored and measured
+    as the base."""
+    job = {**job, 'flags': job['flags'] + ['--init-from', os.path.join(OUT, job['deps'][0])]}
+    out, res = train_job(job, a)
+    model, diff, cfg = R.load_checkpoint(out, 'cpu', ema=True, dtype='fp32')
+    t0 = time.time()
+    res.update(config=cfg, n=a.resolution_n, scores=P.resolution_scores(model, diff, F.DS, job['seed'], n=a.resolution_n))
+    if cfg['reg'] or job['method'] == 'control':
+        res['reg_grad'] = reg_grad(out, job['name'])
+    res['eval_wall_s'] = time.time() - t0
     R.write_json(result_path(job['name']), res)
 
 
@@ -288,6 +332,11 @@ def main():
                    'toy vanilla and reg models retrained and scored by the unbiased MMD^2 of --resolution-n '
                    'samples, two kernels, with its floor (results/resolution/, summary results/resolution_toy.json)')
     p.add_argument('--resolution-n', type=int, default=5000, help='samples and fresh true draws per score')
+    p.add_argument('--fair', action='store_true', help="only issue 28's fair test (experiments/fair.py): vanilla "
+                   '8gaussians bases trained to their plateau, then equal fine-tuning arms (results/fair/, summary '
+                   'results/fair_toy.md/.json/.png); with --report only the summary')
+    p.add_argument('--fair-base-steps', type=int, default=F.BASE_STEPS, help='--fair: training steps of the bases')
+    p.add_argument('--fair-ft-steps', type=int, default=F.FT_STEPS, help='--fair: fine-tuning steps of every arm')
     p.add_argument('--report', action='store_true', help='only aggregate and plot what exists')
     p.add_argument('--check', action='store_true', help='only check RESULTS.md against results/ (exit 1 on any '
                    'disagreement: a missing file, a copied table or resolution row that differs, a stale figure)')
@@ -301,12 +350,18 @@ def main():
         job = next((j for j in job_list(a) if j['name'] == a.job), None)
         if job is None:
             R.fail(f'no job {a.job}')
-        dict(timing=job_timing, steps=job_steps, resolution=job_resolution)[job['kind']](a, job)
+        dict(timing=job_timing, steps=job_steps, resolution=job_resolution, fair_base=job_fair_base,
+             fair_arm=job_fair_arm)[job['kind']](a, job)
         return
     if a.check:
         bad = check_results()
         print('\n'.join(bad) or 'RESULTS.md agrees with results/')
         raise SystemExit(1 if bad else 0)
+    if a.fair:
+        if not a.report:
+            schedule(a)
+        print(F.summary())
+        return
     if a.resolution:
         a.only = ['resolution_']
         schedule(a)

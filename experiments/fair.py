@@ -1,0 +1,218 @@
+"""Issue 28: the paper's claim given a fair chance, on 8gaussians. Vanilla models are trained until
+their metric plateaus (BASE_STEPS; the curve is scored on the way), then each is fine-tuned for
+the same number of steps (FT_STEPS) in every arm: the control (vanilla continued), the regulariser
+at the sweep's strengths (Algorithm 1's literal weight up to the released code's), without warm
+start, on the 20-step chain, ADM-IP and SA-DPM. Every model is scored by the metric with
+resolution (protocol.resolution_scores: the unbiased MMD^2 of n = 5000 ancestral samples against
+5000 fresh true draws, gaussian and laplace kernels, the perfect-model floor beside it), and every
+arm's regulariser is measured (bench --what reg-grad: its gradient's size against the eps-MSE's,
+the effective weight, and the cosine of its gradients on two independent batches, its
+signal-to-noise). Arms are paired by seed with the control; Holm over each (T, kernel) table.
+
+    python -m experiments.reproduce --fair            # resumable, 2 processes; then the report
+    python -m experiments.reproduce --fair --report   # only the report: results/fair_toy.{md,json,png}
+
+This module holds the job list and the report; experiments/reproduce.py runs the jobs.
+"""
+import math
+import os
+
+import numpy as np
+
+import runtime as R
+from metrics import stats as ST
+from experiments.protocol import RES, REGIMES, STEPS, SWEEP, TOY_DTYPE, read_json
+
+DS = '8gaussians'
+BASE_STEPS, FT_STEPS = 20000, 1000
+STAGES = (1000, 2000, 5000, 10000, 20000)   # where the base's plateau is scored (and BASE_STEPS)
+PLATEAU_N, PLATEAU_STEPS = 2000, (20, None)   # None: S = T, the full ancestral chain
+ARMS = {   # fine-tuning arm -> train.py flags (every --reg arm: Algorithm 1's second batch)
+    'control': [],                                             # vanilla continued for FT_STEPS
+    'lit': SWEEP['lit'],                                       # Algorithm 1 literally: sum_t w_t = 1
+    'm0.2': SWEEP['m0.2'],                                     # the paper's lambda_reg under mean1
+    'released': SWEEP['released'],                             # the released code's unweighted MMD^2
+    'm0.02': SWEEP['m0.02'],
+    'nowarm': ['--reg', '--no-warm-start'],                    # Table 2's ablation: x~_s ~ N(0, I)
+    'S20': ['--reg', '--reg-steps', '20'],                     # the regulariser on the 20-step chain
+    'ip': ['--loss', 'ip'], 'sa': ['--loss', 'sa'],
+}
+GROUPS = (('control', 'lit', 'm0.2', 'released'), ('m0.02', 'nowarm', 'S20', 'ip', 'sa'))   # run order
+LABEL = {'base': 'before fine-tuning', 'control': 'control (vanilla)', 'lit': 'reg, literal (sum1)',
+         'm0.2': 'reg, mean1 0.2', 'released': 'reg, released code', 'm0.02': 'reg, mean1 0.02',
+         'nowarm': 'reg 0.2, no warm start', 'S20': 'reg 0.2, 20-step chain', 'ip': 'ADM-IP', 'sa': 'SA-DPM'}
+
+
+def stages(base_steps):
+    return sorted({s for s in STAGES if s < base_steps} | {base_steps})
+
+
+def base_name(rg, seed):
+    return f'fair_{DS}_{rg}_base_s{seed}'
+
+
+def job_list(a):
+    """The bases first, then the arms in GROUPS' order, seed by seed: a budget that runs out leaves
+    complete paired tables over fewer seeds, the main arms first."""
+    common = dict(dataset=DS, deps=[])
+    jobs = [dict(common, name=base_name(rg, seed), kind='fair_base', regime=rg, method='base', seed=seed,
+                 steps=a.fair_base_steps, flags=REGIMES[rg] + TOY_DTYPE)
+            for seed in a.seeds for rg in REGIMES]
+    for group in GROUPS:
+        for seed in a.seeds:
+            for rg in REGIMES:
+                for arm in group:
+                    if arm == 'S20' and rg == 'T50':   # T = 50 samples on fewer than 20 steps' worth anyway
+                        continue
+                    jobs.append(dict(common, name=f'fair_{DS}_{rg}_{arm}_s{seed}', kind='fair_arm', regime=rg,
+                                     method=arm, seed=seed, steps=a.fair_ft_steps, deps=[base_name(rg, seed)],
+                                     flags=REGIMES[rg] + ARMS[arm] + TOY_DTYPE))
+    return jobs
+
+
+# ---- the report -----------------------------------------------------------------------------------
+def load(folder):
+    runs = [read_json(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if f.endswith('.json')]
+    return {(r['job']['regime'], r['job']['method'], r['job']['seed']): r for r in runs}
+
+
+def summary(folder=os.path.join(RES, 'fair')):
+    """results/fair_toy.json, .md, .png from results/fair/: per T and kernel, every arm's paired change
+    against the control at each S (95 % t interval, p, Holm over the table's cells), the smallest
+    detectable change, the floor; the bases' plateau; the arms' effective weight and gradient
+    signal-to-noise; the cost. Returns the markdown."""
+    by = load(folder)
+    out = dict(dataset=DS, tables={}, plateau={}, weights={}, cost={})
+    for rg in REGIMES:
+        seeds = sorted(s for (g, m, s) in by if (g, m) == (rg, 'control') and (g, 'base', s) in by)
+        if len(seeds) < 2:
+            continue
+        T = int(rg[1:])
+        arms = ['base'] + [m for m in ARMS if m != 'control' and all((rg, m, s) in by for s in seeds)]
+        for kern in ('gaussian', 'laplace'):
+            cells = []
+            for S in (S for S in STEPS if S <= T):
+                get = lambda m, s, what='model': by[(rg, m, s)]['scores']['e0'][kern][str(S)][what]  # noqa: E731
+                ctl = [get('control', s) for s in seeds]
+                floor = [get('control', s, 'floor') for s in seeds]
+                for m in arms:
+                    t = ST.paired([get(m, s) - get('control', s) for s in seeds])
+                    cells.append(dict(arm=m, S=S, control_mean=float(np.mean(ctl)), control_std=float(np.std(ctl, ddof=1)),
+                                      diff=t['mean'], ci=list(t['ci']), p=t['p'], diff_std=t['std'],
+                                      floor_mean=float(np.mean(floor)), floor_std=float(np.std(floor, ddof=1))))
+            for c, q in zip(cells, ST.holm([c['p'] for c in cells])):
+                c['p_holm'] = q
+                c['min_detectable'] = ST.min_detectable(c['diff_std'], len(seeds), 0.05 / len(cells))
+            out['tables'][f'{rg}_{kern}'] = dict(regime=rg, kernel=kern, seeds=seeds, arms=arms, cells=cells)
+        pl = {}
+        for s in seeds:
+            for st in by[(rg, 'base', s)]['plateau']:
+                for kern in ('gaussian', 'laplace'):
+                    for S, v in next(iter(st['scores'].values()))[kern].items():
+                        pl.setdefault(f'{kern}_S{S}', {}).setdefault(st['step'], []).append(v['model'])
+                        pl.setdefault(f'{kern}_S{S}_floor', {}).setdefault(st['step'], []).append(v['floor'])
+        out['plateau'][rg] = {k: {str(step): [float(np.mean(v)), float(np.std(v, ddof=1))] for step, v in sorted(d.items())}
+                              for k, d in pl.items()}
+        for m in ['base', 'control'] + arms[1:]:
+            g = [by[(rg, m, s)].get('reg_grad') for s in seeds]
+            if all(g):
+                out['weights'][f'{rg}_{m}'] = dict(
+                    ratio_median=float(np.mean([x['median_ratio'] for x in g])),
+                    cos_reg=float(np.mean([x['mean_cos_reg'] for x in g])), cos_reg_std=float(np.std([x['mean_cos_reg'] for x in g], ddof=1)),
+                    cos_nll=float(np.mean([x['mean_cos_nll'] for x in g])), cos_nll_std=float(np.std([x['mean_cos_nll'] for x in g], ddof=1)))
+            out['cost'][f'{rg}_{m}'] = dict(train_s=float(np.mean([by[(rg, m, s)].get('train_wall_s') or np.nan for s in seeds])),
+                                            eval_s=float(np.mean([by[(rg, m, s)].get('eval_wall_s') or np.nan for s in seeds])))
+    out['process_hours'] = sum((r.get('train_wall_s') or 0) + (r.get('eval_wall_s') or 0) for r in by.values()) / 3600
+    out['runs'] = len(by)
+    R.write_json(os.path.join(RES, 'fair_toy.json'), out)
+    md = markdown(out)
+    R.atomic_write(os.path.join(RES, 'fair_toy.md'), lambda f: f.write(md), binary=False)
+    if out['tables']:
+        plot(out)
+    return md
+
+
+def e4(v):
+    return 'n/a' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{1e4 * v:.2f}'
+
+
+def cell_text(c):
+    star = '*' if c['p_holm'] < 0.05 else ''
+    return f"{1e4 * c['diff']:+.2f} [{e4(c['ci'][0])}, {e4(c['ci'][1])}]{star}"
+
+
+def markdown(out):
+    lines = []
+    for key, tb in out['tables'].items():
+        Ss = sorted({c['S'] for c in tb['cells']})
+        first = [c for c in tb['cells'] if c['arm'] == tb['arms'][0]]
+        lines += [f"**T = {tb['regime'][1:]}, {tb['kernel']} kernel** ({len(tb['seeds'])} seeds; unbiased MMD^2 x 1e-4, "
+                  'arm - control paired by seed, 95 % CI, * Holm p < 0.05 over this table)\n',
+                  '| arm | ' + ' | '.join(f'S = {S}' for S in Ss) + ' |', '|---|' + '---:|' * len(Ss),
+                  '| control (value) | ' + ' | '.join(f"{e4(c['control_mean'])} ± {e4(c['control_std'])}" for c in first) + ' |',
+                  '| floor (value) | ' + ' | '.join(f"{e4(c['floor_mean'])} ± {e4(c['floor_std'])}" for c in first) + ' |']
+        for m in tb['arms']:
+            cs = {c['S']: c for c in tb['cells'] if c['arm'] == m}
+            lines.append(f'| {LABEL[m]} | ' + ' | '.join(cell_text(cs[S]) for S in Ss) + ' |')
+        det = [c['min_detectable'] for c in tb['cells']]
+        lines += ['', f"Smallest change this table detects (80 % power, Holm's first step): {e4(min(det))} to {e4(max(det))}; "
+                  f"Holm p of every cell: results/fair_toy.json.\n"]
+    if out['weights']:
+        lines += ["**The regulariser's effective weight and signal** (bench --what reg-grad, 40 batches, mean over seeds): "
+                  "|grad of the weighted regulariser| / |grad of the weighted eps-MSE| (median over batches), and the cosine "
+                  'between the gradients of two independent batches at the same weights (20 pairs), of the regulariser and of '
+                  'the eps-MSE. base / control: the vanilla model measured with the paper\'s regulariser.\n',
+                  '| T | arm | grad ratio | cos (reg) | cos (eps-MSE) |', '|---|---|---:|---:|---:|']
+        for k, w in out['weights'].items():
+            rg, m = k.split('_', 1)
+            lines.append(f"| {rg[1:]} | {LABEL[m]} | {w['ratio_median']:.3g} | {w['cos_reg']:+.3f} ± {w['cos_reg_std']:.3f} | "
+                         f"{w['cos_nll']:+.3f} ± {w['cos_nll_std']:.3f} |")
+        lines.append('')
+    for rg, pl in out['plateau'].items():
+        ks = [k for k in pl if not k.endswith('_floor')]
+        steps = list(next(iter(pl.values())))
+        lines += [f"**Plateau of the T = {rg[1:]} bases** (unbiased MMD^2 x 1e-4 of {PLATEAU_N} samples, mean ± std over "
+                  'seeds, by training step)\n', '| step | ' + ' | '.join(ks) + ' |', '|---:|' + '---:|' * len(ks)]
+        lines += [f'| {st} | ' + ' | '.join(f"{e4(pl[k][st][0])} ± {e4(pl[k][st][1])}" for k in ks) + ' |' for st in steps]
+        lines.append('')
+    lines.append(f"{out['runs']} runs, {out['process_hours']:.2f} process-hours (training + evaluation, from the runs' JSONs).")
+    return '\n'.join(lines).strip() + '\n'
+
+
+def plot(out):
+    """Top: the bases' plateau (laplace MMD^2 against training steps, S = 20 and S = T) with the floor
+    band. Bottom: every arm's paired change against the control with its 95 % CI, at S = 10 and S = T."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    rgs = list(out['plateau'])
+    fig, axes = plt.subplots(2, len(rgs), figsize=(6 * len(rgs), 7.5), squeeze=False)
+    for j, rg in enumerate(rgs):
+        ax, pl = axes[0, j], out['plateau'][rg]
+        for k in (k for k in pl if k.startswith('laplace') and not k.endswith('_floor')):
+            st = [int(s) for s in pl[k]]
+            ax.errorbar(st, [v[0] for v in pl[k].values()], yerr=[v[1] for v in pl[k].values()], fmt='o-', capsize=3,
+                        label=k.replace('_', ', '))
+            fl = list(pl[k + '_floor'].values())
+            ax.fill_between(st, [v[0] - 2 * v[1] for v in fl], [v[0] + 2 * v[1] for v in fl], color='grey', alpha=0.2)
+        ax.set_xscale('log')
+        ax.set_xlabel('training steps (vanilla base)')
+        ax.set_ylabel('MMD^2 (laplace, unbiased)')
+        ax.set_title(f'T = {rg[1:]}: plateau of the bases (grey: perfect-model floor ± 2 std)', fontsize=9)
+        ax.legend(fontsize=7)
+        ax, tb = axes[1, j], out['tables'][f'{rg}_laplace']
+        T = int(rg[1:])
+        for off, S in ((-0.15, 10), (0.15, T)):
+            cs = [c for c in tb['cells'] if c['S'] == S]
+            x = np.arange(len(cs)) + off
+            ax.errorbar(x, [1e4 * c['diff'] for c in cs], yerr=[[1e4 * (c['diff'] - c['ci'][0]) for c in cs],
+                        [1e4 * (c['ci'][1] - c['diff']) for c in cs]], fmt='o', capsize=3, label=f'S = {S}')
+        ax.axhline(0, color='k', lw=0.8)
+        ax.set_xticks(range(len(tb['arms'])))
+        ax.set_xticklabels([LABEL[m] for m in tb['arms']], rotation=35, ha='right', fontsize=7)
+        ax.set_ylabel('arm - control, MMD^2 x 1e-4 (laplace)')
+        ax.set_title(f"T = {rg[1:]}: paired change after {FT_STEPS} fine-tuning steps, 95 % CI "
+                     f"({len(tb['seeds'])} seeds; < 0 = better)", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    R.save_figure(fig, os.path.join(RES, 'fair_toy.png'))

@@ -116,16 +116,16 @@ class Diffusion:
         float64 from abar. No noise on the step that lands on t' = 0.
         """
         t_next = t - 1 if t_next is None else t_next
-        if t_next == t - 1:
+        if isinstance(t, int) and t_next == t - 1:
             beta, alpha, sigma = self.beta[t], self.alpha[t], self.sigma[t]
-        else:
-            a_t, a_n = self._abar64[t], self._abar64[t_next]
+        else:   # t (B,): the time-shifted step, each sample from its own t_s (sample_chain's time_shift)
+            a_t, a_n = self._abar_at(t, x_t), self._abar64[t_next]
             alpha = a_t / a_n
             var = (1 - alpha) * ((1 - a_n) / (1 - a_t) if self.sigma_type == 'posterior' else 1.0)
-            f = dict(dtype=torch.float32, device=self.beta.device)
+            f = dict(dtype=torch.float32, device=x_t.device)
             beta, alpha, sigma = (1 - alpha).to(**f), alpha.to(**f), var.sqrt().to(**f)
         eps = self._eps(model, x_t, t, lam)
-        mean = (x_t - beta / self.sqrt_1m_abar[t] * eps) / alpha.sqrt()
+        mean = (x_t - beta / _at(self.sqrt_1m_abar, t, x_t) * eps) / alpha.sqrt()
         if t_next == 0 or noise is None:
             return mean
         return mean + sigma * noise
@@ -137,17 +137,36 @@ class Diffusion:
         s = eta sqrt((1 - abar_t') / (1 - abar_t)) sqrt(1 - abar_t / abar_t'); eta = 0: deterministic.
         """
         eps = self._eps(model, x_t, t, lam)
-        x0_pred = (x_t - self.sqrt_1m_abar[t] * eps) / self.sqrt_abar[t]
+        x0_pred = (x_t - _at(self.sqrt_1m_abar, t, x_t) * eps) / _at(self.sqrt_abar, t, x_t)
         if eta == 0 or t_next == 0 or noise is None:
             return self.sqrt_abar[t_next] * x0_pred + self.sqrt_1m_abar[t_next] * eps
-        a_t, a_n = self._abar64[t], self._abar64[t_next]
+        a_t, a_n = self._abar_at(t, x_t), self._abar64[t_next]
         s = eta * ((1 - a_n) / (1 - a_t) * (1 - a_t / a_n)).sqrt()
         f = dict(dtype=torch.float32, device=self.beta.device)
         c = (1 - a_n - s * s).clamp(min=0).sqrt().to(**f)
         return self.sqrt_abar[t_next] * x0_pred + c * eps + s.to(**f) * noise
 
+    def _abar_at(self, t, x):
+        """float64 abar_t for an int t, or for t (B,) broadcast against x (on the CPU, where it lives)."""
+        return self._abar64[t] if isinstance(t, int) else _at(self._abar64, t.cpu(), x.cpu())
+
+    def shifted_time(self, x, t, t_next, window, var='sample'):
+        """The Time-Shift Sampler's t_s (Li et al., ICLR 2024, Alg. 3): the chain index tau in the window
+        [t - window // 2, t + window // 2] (within t_next + 1 .. T, so the step still goes down) whose
+        forward noise variance 1 - abar_tau is closest to the variance of the state x: per sample over
+        all its dimensions, as the paper (var='sample'), or over the whole batch (var='batch', one t_s
+        for all: for low-dimensional data, where one sample's variance says little). Returns t_s (B,)."""
+        lo, hi = max(t - window // 2, t_next + 1), min(t + window // 2, self.T)
+        cand = torch.arange(lo, hi + 1)
+        v = x.detach().flatten(1).float().var(1) if var == 'sample' else x.detach().float().var().expand(len(x))
+        best = ((v.cpu()[:, None] - (1 - self.abar.cpu()[cand])[None]).abs()).argmin(1)
+        return cand[best].to(x.device)
+
     def times(self, t_start=None, t_stop=0, steps=None):
-        """Chain indices visited from t_start (default T) down to t_stop: see `times` below."""
+        """Chain indices visited from t_start (default T) down to t_stop: see `times` below (an
+        explicit list, e.g. adm_times', is returned as it is)."""
+        if isinstance(steps, (list, tuple)):
+            return list(steps)
         t_start = self.T if t_start is None else t_start
         if not 0 <= t_stop < t_start <= self.T:
             raise ValueError(f'need 0 <= t_stop < t_start <= T, got t_start={t_start}, t_stop={t_stop}')
@@ -156,7 +175,7 @@ class Diffusion:
     ddim_times = times   # old name
 
     def sample_chain(self, model, x, t_start=None, t_stop=0, sampler='ddpm', steps=None, noise=None,
-                     callback=None, eta=0.0, eps_scale=None, generator=None):
+                     callback=None, eta=0.0, eps_scale=None, generator=None, time_shift=None):
         """Run the backward chain from x = x_{t_start} down to x_{t_stop}; returns x_{t_stop}.
 
         sampler: 'ddpm' (ancestral: Eq. (16), respaced when steps < t_start - t_stop) or 'ddim'
@@ -168,6 +187,9 @@ class Diffusion:
         a float, or a tensor (T + 1,) indexed by chain index t (see `eps_scale_schedule`).
         callback(t, x_t) is called with the starting state and after every step; if it returns a
         tensor, that tensor replaces x_t (used to inject perturbations). Gradients flow if enabled.
+        time_shift: None, or dict(window=w, cutoff=c, var='sample'|'batch') for the Time-Shift Sampler:
+        every step after the first that leaves an index t > c runs the network at, and steps from,
+        t_s = shifted_time(x, t, ...) instead of t, to the next index of the grid (Alg. 3 of Li et al.).
         """
         noise = _noise_source(noise, generator)
         if sampler not in ('ddpm', 'ddim'):
@@ -186,14 +208,16 @@ class Diffusion:
             (lambda shape: torch.randn(shape, generator=noise, device=x.device, dtype=x.dtype))
         if callback is not None:
             x = _replace(x, callback(ts[0], x))
-        for t, t_next in zip(ts[:-1], ts[1:]):
+        for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
             lt = None if lam is None else lam[t]
             needs_z = t_next > 0 and (sampler == 'ddpm' or eta > 0)
             z = draw(x.shape) if needs_z else None
+            shift = time_shift is not None and i > 0 and t > time_shift['cutoff'] and time_shift['window'] > 1
+            ts_ = self.shifted_time(x, t, t_next, time_shift['window'], time_shift.get('var', 'sample')) if shift else t
             if sampler == 'ddpm':
-                x = self.p_step(model, x, t, z, t_next, lt)
+                x = self.p_step(model, x, ts_, z, t_next, lt)
             else:
-                x = self.ddim_step(model, x, t, t_next, z, eta, lt)
+                x = self.ddim_step(model, x, ts_, t_next, z, eta, lt)
             if callback is not None:
                 x = _replace(x, callback(t_next, x))
         return x
@@ -216,7 +240,7 @@ class Diffusion:
 
     @torch.no_grad()
     def sample(self, model, shape, sampler='ddpm', steps=None, noise=None, callback=None,
-               device=None, eta=0.0, eps_scale=None, generator=None):
+               device=None, eta=0.0, eps_scale=None, generator=None, time_shift=None):
         """Draw samples of `shape` (B, ...) from x_T ~ N(0, I) with the full chain (see sample_chain)."""
         device = device or self.device
         noise = _noise_source(noise, generator)
@@ -224,7 +248,8 @@ class Diffusion:
             x = noise(shape)
         else:
             x = torch.randn(shape, generator=noise, device=device)
-        return self.sample_chain(model, x, self.T, 0, sampler, steps, noise, callback, eta, eps_scale)
+        return self.sample_chain(model, x, self.T, 0, sampler, steps, noise, callback, eta, eps_scale,
+                                 time_shift=time_shift)
 
 
 def per_sample_noise(seeds, device='cpu'):
@@ -265,6 +290,30 @@ def times(t_start, t_stop=0, steps=None):
     return sorted(set(ts), reverse=True)
 
 
+def adm_times(T, steps, sampler='ddpm'):
+    """The chain indices of ADM's `space_timesteps` grid (openai/improved-diffusion respace.py), the
+    grid ADM-ES and ADM-IP report their few-step numbers on, as an explicit list for sample_chain.
+    ddpm (ADM's "S"): S 0-based timesteps from 0 to T - 1 at the float stride (T - 1) / (S - 1),
+    accumulated and rounded as ADM does (Python's round), so the chain starts at T and its last step
+    leaves chain index 1 (timestep 0) for x_0. ddim (ADM's "ddimS", DDIM's own grid): the integer
+    stride k with len(range(0, T, k)) == S, i.e. the leading grid, whose chain starts at
+    T - k + 1, not T. This project's own grid (`times`) is diffusers' "trailing" one."""
+    if not 1 <= steps <= T:
+        raise ValueError(f'steps must be in 1..T={T}, got {steps}')
+    if sampler == 'ddim':
+        stride = next((k for k in range(1, T) if len(range(0, T, k)) == steps), None)
+        if stride is None:
+            raise ValueError(f"ADM's DDIM grid has no integer stride giving exactly {steps} steps of T = {T}: "
+                             'choose another --steps or --spacing trailing')
+        kept = set(range(0, T, stride))
+    else:
+        frac, cur, kept = (T - 1) / (steps - 1) if steps > 1 else 1, 0.0, set()
+        for _ in range(steps):
+            kept.add(round(cur))
+            cur += frac
+    return sorted((k + 1 for k in kept), reverse=True) + [0]
+
+
 def eps_scale_schedule(T, b, k=0.0, steps=None):
     """lambda_t of epsilon scaling (ADM-ES: Ning et al., ICLR 2024, Sec. 5), as a (T + 1,) tensor
     indexed by chain index t, for sample_chain(eps_scale=...).
@@ -276,13 +325,14 @@ def eps_scale_schedule(T, b, k=0.0, steps=None):
     is the last step (landing on x_0), i = S - 1 the first (from x_T). The network output is
     divided by lambda before x0_pred and the mean are formed, for both ancestral and DDIM sampling.
     Here i = j - 1 for the step leaving the j-th index from the bottom of times(T, 0, steps)
-    (steps None: every index, so i = t - 1). Indices off that grid are NaN (sample_chain refuses
+    (steps None: every index, so i = t - 1; an explicit list of indices, e.g. adm_times: that
+    grid). Indices off that grid are NaN (sample_chain refuses
     them), so build the schedule with the same steps as the chain. lambda must be > 0.
     """
     if b <= 0:
         raise ValueError(f'eps scale b must be > 0 (1: no scaling), got {b}')
     lam = torch.full((T + 1,), float('nan'), dtype=torch.float64)
-    grid = times(T, 0, steps)[::-1]   # ascending: grid[j] for j = 0..S
+    grid = sorted(steps) if isinstance(steps, (list, tuple)) else times(T, 0, steps)[::-1]   # ascending: grid[j], j = 0..S
     for j in range(1, len(grid)):
         lam[grid[j]] = b + k * (j - 1)
     lam[0] = b   # never used (no step leaves x_0); keeps lambda_0 defined

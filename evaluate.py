@@ -101,7 +101,7 @@ def run_errprop(a):
     runs = []
     for ckpt, label, model, diff, cfg, chain in load_runs(a, device):
         x0 = real_examples(cfg, a.m, a.seed, a.data_dir)
-        with R.progress_bar(len(diff.times(diff.T, 0, a.steps)), f'errprop {label}', 't') as bar:
+        with R.progress_bar(len(diff.times(diff.T, 0, chain['steps'])), f'errprop {label}', 't') as bar:
             curve = errprop_curve(model, diff, x0, a.n, a.kernels, a.estimator, a.t_stride,
                                   torch.Generator(device).manual_seed(a.seed), a.chunk,
                                   lambda t: bar.update(1), device, **chain)
@@ -117,9 +117,9 @@ def run_errprop(a):
     print(f'D_MMD(t=0) [{ESTIMATOR_NAMES[a.estimator]}] {at0} | wrote {a.out}.json, {a.out}.png')
 
 
-def chain_settings(a, diff):
-    """What the JSON records about the chain: sampler, steps, eta, eps scaling."""
-    return dict(sampler=a.sampler, steps=a.steps or diff.T, eta=a.eta, eps_scale=a.eps_scale, eps_scale_k=a.eps_scale_k)
+def chain_settings(a, diff):   # what the JSON records about the chain
+    return dict(sampler=a.sampler, steps=a.steps or diff.T, spacing=a.spacing, eta=a.eta, eps_scale=a.eps_scale, eps_scale_k=a.eps_scale_k,
+                time_shift=R.chain_kwargs(a, diff).get('time_shift'))
 
 
 # ---- faulttol: Theorem 4.1 (fault intolerance), measured -----------------------------------------
@@ -129,7 +129,7 @@ def run_faulttol(a):
     device = start(a, '.json', '.png')
     runs, bar = [], R.progress_bar(len(a.ckpt) * len(a.t0), 'faulttol', 't0')
     for ckpt, label, model, diff, cfg, chain in load_runs(a, device):
-        visited = diff.times(diff.T, 0, a.steps)
+        visited = diff.times(diff.T, 0, chain['steps'])
         bad = [t0 for t0 in a.t0 if t0 not in visited or t0 == 0]
         if bad:
             R.fail(f'--t0 {bad[0]} is not a step of this chain ({a.sampler}, {len(visited) - 1} steps): '
@@ -269,7 +269,7 @@ def run_fid(a):
         x = x[lo:hi]
     f = R.gather(embed(x), world)
     if rank == 0:
-        sampler, steps = (a.sampler, chain['steps'] or diff.T) if a.ckpt else (None, None)
+        sampler, steps = (a.sampler, a.steps or diff.T) if a.ckpt else (None, None)
         run = dict(n=n, repeats=R_, sample_seeds=f'block r: {n} r .. {n} (r + 1) - 1', sampler=sampler, steps=steps,
                    ckpt=a.ckpt, ema=bool(a.ckpt), samples=a.samples, seed=a.seed, dataset=dataset, features=a.features)
         blocks = [f[r * n:(r + 1) * n] for r in range(R_)]

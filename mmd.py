@@ -240,9 +240,9 @@ def _mean_std(x):
 def errprop_curve(model, diff, x0_real, n=1000, kernels=('gaussian', 'laplace', 'imq'),
                   estimator='u', t_stride=None, generator=None, batch_size=None, progress=None,
                   device='cpu', sampler='ddpm', steps=None, eta=0.0, eps_scale=None, x_T=None,
-                  ref_generator=None, return_samples=False):
+                  ref_generator=None, return_samples=False, time_shift=None):
     """D_MMD(t) between the backward marginal p_theta(x_t) and the forward q(x_t) at the indices
-    the chain visits (sampler / steps / eta / eps_scale as in Diffusion.sample_chain).
+    the chain visits (sampler / steps / eta / eps_scale / time_shift as in Diffusion.sample_chain).
 
     Runs the chain from n noise samples and, at every t_stride-th visited index (counted from
     t = 0; always the first and the last; t_stride None: all up to 100 steps, else every 10th),
@@ -290,7 +290,7 @@ def errprop_curve(model, diff, x0_real, n=1000, kernels=('gaussian', 'laplace', 
             progress(t)
 
     x = torch.randn((n, *x0_real.shape[1:]), generator=generator, device=device) if x_T is None else x_T.to(device)
-    x = diff.sample_chain(net, x, diff.T, 0, sampler, steps, generator, measure, eta, eps_scale)
+    x = diff.sample_chain(net, x, diff.T, 0, sampler, steps, generator, measure, eta, eps_scale, time_shift=time_shift)
     return (out, x) if return_samples else out
 
 
@@ -299,7 +299,7 @@ def errprop_curve(model, diff, x0_real, n=1000, kernels=('gaussian', 'laplace', 
 @torch.no_grad()
 def fault_tolerance(model, diff, x_T, t0, delta, mode='iso', sampler='ddpm', steps=None, eta=0.0,
                     eps_scale=None, noise_seed=0, kernels=('gaussian',), batch_size=None,
-                    device='cpu', generators=None):
+                    device='cpu', generators=None, time_shift=None):
     """Follow the gap between two chains that differ only by a perturbation injected at t0.
 
     Both chains start from the same x_T (n, ...) and share the noise z of every step: one chain of
@@ -376,7 +376,7 @@ def fault_tolerance(model, diff, x_T, t0, delta, mode='iso', sampler='ddpm', ste
     dtype = diff.net_dtype
     try:
         diff.net_dtype = 'fp32'
-        diff.sample_chain(net, x_T, diff.T, 0, sampler, steps, noise, step, eta, eps_scale)
+        diff.sample_chain(net, x_T, diff.T, 0, sampler, steps, noise, step, eta, eps_scale, time_shift=time_shift)
     finally:
         diff.net_dtype = dtype
     return [outs[t] for t in t0s] if many else outs[t0]

@@ -1,8 +1,6 @@
-"""The plumbing every script shares: the configuration (defaults, presets, command line), the
-device and torchrun set-up, seeded random streams, checkpoints (ours and diffusers DDPM folders)
-and atomic file writes. Scripts import this and the library modules (model, diffusion, mmd, data,
-quant); no script imports another script.
-"""
+"""The plumbing every script shares: the configuration (defaults, presets, command line), the device
+and torchrun set-up, seeded random streams, checkpoints (ours and diffusers DDPM folders), atomic file
+writes and the sampling flags. Scripts import this and the library modules; never another script."""
 import argparse
 import gc
 import hashlib
@@ -160,10 +158,9 @@ def rng(seed, stream, *index, device='cpu'):
 
 
 def eval_rngs(seed, legacy=False, device='cpu'):
-    """An evaluation's streams of run `seed`, one per purpose, all distinct: 'x_T' (the chains'
-    start, on the CPU: the same x_T on every device), 'chain' (each step's z), 'perturb' (the error
-    fault_tolerance injects), 'ref' (D_MMD's forward samples). legacy: the shared seeds results/steps
-    was evaluated with, where x_T and the first step's z are one tensor (manual_seed(seed) both)."""
+    """An evaluation's streams of run `seed`, one per purpose, all distinct: 'x_T' (on the CPU: one x_T on
+    every device), 'chain' (each step's z), 'perturb' (fault_tolerance's error), 'ref' (D_MMD's forward
+    samples). legacy: results/steps' shared seeds, where x_T and the first z are one tensor."""
     if legacy:
         return {p: torch.Generator('cpu' if p == 'x_T' else device).manual_seed(seed + (p == 'perturb'))
                 for p in ('x_T', 'chain', 'perturb', 'ref')}
@@ -181,8 +178,7 @@ def setup_device(device='auto', distributed=True):
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else 'cpu'
     if device.startswith('cuda'):
         if not torch.cuda.is_available():
-            fail(f'--device {device}: this machine has no CUDA GPU (torch {torch.__version__}); '
-                 f'use --device cpu or auto')
+            fail(f'--device {device}: this machine has no CUDA GPU (torch {torch.__version__}); use --device cpu or auto')
         torch.cuda.set_device(device if ':' in device else 'cuda:0')
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     elif device != 'cpu' and not device.startswith('mps'):
@@ -208,11 +204,10 @@ def gather(x, world):
 
 
 def teardown(end_process=False, code=0):
-    """Leave the process group together (a rank that destroys its gloo group while another still
-    writes its checkpoint can abort). end_process (a script's last line): under torchrun, end the
-    process right after, every file closed, with exit status `code`: gloo's worker threads can still
-    hold tensors at interpreter finalisation, and freeing them then aborts the rank ('terminate
-    called without an active exception', a race seen in CI); skipping finalisation removes it."""
+    """Leave the process group together (a rank destroying its gloo group while another still writes
+    can abort). end_process (a script's last line): under torchrun, exit right after with `code`, files
+    closed and interpreter finalisation skipped: gloo's threads freeing tensors then abort the rank
+    ('terminate called without an active exception', a race seen in CI)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -242,7 +237,7 @@ def atomic_write(path, write, binary=True):
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
-    finally:
+    finally:   # the rename itself is durable once the folder is
         os.close(fd)
 
 
@@ -310,8 +305,7 @@ def save_preview(samples, real, path):
     r, x = real[:len(samples)].float().cpu(), samples.cpu()
     ax.scatter(r[:, 0], r[:, 1], s=2, alpha=0.4, label='data')
     ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.6, label='samples (EMA)')
-    ax.legend(loc='upper right', markerscale=4)
-    ax.set_aspect('equal')
+    ax.legend(loc='upper right', markerscale=4), ax.set_aspect('equal')
     save_figure(fig, path)
 
 
@@ -337,8 +331,7 @@ def read_checkpoint(file):
 def checkpoint_file(path):
     file = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
     if not os.path.isfile(file):
-        raise FileNotFoundError(f'no checkpoint at {file}: pass a run folder with ckpt.pt, a .pt file, '
-                                f'or a diffusers DDPM folder')
+        raise FileNotFoundError(f'no checkpoint at {file}: pass a run folder with ckpt.pt, a .pt file, or a diffusers DDPM folder')
     return file
 
 
@@ -372,27 +365,24 @@ def load_checkpoint(path, device='cpu', ema=True, dtype='fp32'):
             model = build_model(cfg['model'], tuple(ck['data_shape']), **model_overrides(cfg))
             model.load_state_dict(state)
         except Exception as e:
-            raise ValueError(f'{file} does not fit the network it names ({type(e).__name__}: '
-                             f"{' '.join(str(e).split())[:160]})") from None
+            raise ValueError(f"{file} does not fit the network it names ({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise ValueError(f'{path} holds non-finite weights ({bad[0]}, ...): the run diverged; '
-                         f'use an earlier checkpoint or retrain with a lower --lr')
+        raise ValueError(f'{path} holds non-finite weights ({bad[0]}, ...): the run diverged; use an earlier checkpoint '
+                         'or retrain with a lower --lr')
     return model.to(device).eval(), make_diffusion(cfg, device, dtype), cfg
 
 
 def progress_bar(total, desc, unit='it', on=True):
     """A tqdm line (count, rate, ETA) on stderr if it is a terminal; none in logs and pipes, or if not `on`."""
     from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit=unit, disable=None if on else True, mininterval=1.0,
-                dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=total, desc=desc, unit=unit, disable=None if on else True, mininterval=1.0, dynamic_ncols=True, file=sys.stderr)
 
 
 def generate(model, diff, n, shape, sample_batch=256, seed=0, device='cpu', progress=False, first=None, **chain):
     """n samples (float, model space, on the CPU) drawn sample_batch at a time from one seeded generator, or
     (first: an int) sample first + i from its own seed, seed_of(seed, 'image', first + i), whatever the batch."""
-    g = torch.Generator(device).manual_seed(seed)
-    steps = chain.get('steps') or diff.T
+    g, steps = torch.Generator(device).manual_seed(seed), chain.get('steps') or diff.T
     out, n_steps = [], (len(steps) if isinstance(steps, (list, tuple)) else steps + 1)   # the callback sees the start too
     with progress_bar(n, 'sampling', 'img', on=progress) as bar:
         for i in range(0, n, sample_batch):
@@ -409,19 +399,21 @@ def add_sampling_args(p, quant=True):
     """--sampler/--steps/--eta/--eps-scale(-k) and, with quant, the quantised-sampling flags."""
     p.add_argument('--dtype', choices=('auto', 'fp32', 'bf16'), default='auto',
                    help="the network's arithmetic (auto: bf16 where the hardware has it); the chain stays fp32")
-    p.add_argument('--sampler', choices=('ddpm', 'ddim'), default='ddpm',
-                   help='ddpm: ancestral (Eq. 16), respaced when --steps < T; ddim: DDIM with --eta')
+    p.add_argument('--sampler', choices=('ddpm', 'ddim'), default='ddpm', help='ddpm: ancestral (Eq. 16), respaced when --steps < T; ddim: DDIM with --eta')
     p.add_argument('--steps', type=int, help='sampling steps S (default: every step of the T-step chain)')
+    p.add_argument('--spacing', choices=('trailing', 'adm'), default='trailing', help="the S-step grid: trailing "
+                   "(diffusers', from T; this project's), adm (ADM's space_timesteps: ADM-ES / ADM-IP's; DDIM: leading)")
     p.add_argument('--eta', type=float, default=0.0, help='DDIM noise: 0 deterministic, 1 DDPM-like')
-    p.add_argument('--eps-scale', type=float, default=1.0,
-                   help='epsilon scaling (ADM-ES): divide eps by lambda = B + K i, i the step\'s position '
-                        'on the S-step grid from the bottom (1: off)')
+    p.add_argument('--time-shift', type=int, default=0, metavar='W', help='Time-Shift Sampler (Li et al. 2024): window '
+                   'of candidate t_s around each t (0: off; their CIFAR-10 DDIM: 40/30/8/2 at S = 10/20/50/100)')
+    p.add_argument('--time-shift-cutoff', type=int, metavar='C', help='no shift at t <= C (default 0.3 T: their 300)')
+    p.add_argument('--time-shift-var', choices=('sample', 'batch'), default='sample', help="the state's variance per sample (paper) or batch")
+    p.add_argument('--eps-scale', type=float, default=1.0, help="epsilon scaling (ADM-ES): divide eps by "
+                   "lambda = B + K i, i the step's position on the S-step grid from the bottom (1: off)")
     p.add_argument('--eps-scale-k', type=float, default=0.0, help='K of the linear eps-scaling schedule')
     if quant:
-        p.add_argument('--quant', default='none', choices=('none', 'w8a8', 'w4a8', 'w4a4'),
-                       help='fake-quantised sampling (seed 002)')
-        p.add_argument('--quant-compensate', action='store_true',
-                       help='apply the timestep-aware correction')
+        p.add_argument('--quant', default='none', choices=('none', 'w8a8', 'w4a8', 'w4a4'), help='fake-quantised sampling (seed 002)')
+        p.add_argument('--quant-compensate', action='store_true', help='apply the timestep-aware correction')
         p.add_argument('--calib-traj', type=int, help='calibration chains (default 4 x 64 toy, 2 x 16 images)')
         p.add_argument('--recalibrate', action='store_true', help='ignore a stored quant_<spec>.pt')
 
@@ -434,17 +426,25 @@ def sampling_dtype(a, quantised=False):
 
 
 def chain_kwargs(a, diff):
-    """Diffusion.sample_chain's sampler settings from add_sampling_args' flags, checked now,
-    before anything long starts."""
-    from diffusion import eps_scale_schedule
+    """Diffusion.sample_chain's sampler settings from add_sampling_args' flags, checked before anything long starts."""
+    from diffusion import adm_times, eps_scale_schedule
     if a.steps is not None and not 1 <= a.steps <= diff.T:
         fail(f'--steps must be in 1..T={diff.T}, got {a.steps}')
     if a.eta < 0 or (a.eta and a.sampler != 'ddim'):
         fail('--eta must be >= 0 and goes with --sampler ddim')
-    kw = dict(sampler=a.sampler, steps=a.steps, eta=a.eta)
-    if a.eps_scale != 1.0 or a.eps_scale_k:
-        try:
-            kw['eps_scale'] = eps_scale_schedule(diff.T, a.eps_scale, a.eps_scale_k, a.steps).to(diff.device)
-        except ValueError as e:
-            fail(f'--eps-scale {a.eps_scale:g} --eps-scale-k {a.eps_scale_k:g}: {e}')
+    try:   # --spacing adm: the explicit list of chain indices (sample_chain and ES take it as it is)
+        steps = adm_times(diff.T, a.steps or diff.T, a.sampler) if getattr(a, 'spacing', 'trailing') == 'adm' else a.steps
+    except ValueError as e:
+        fail(f'--spacing adm: {e}')
+    kw = dict(sampler=a.sampler, steps=steps, eta=a.eta)
+    if min(getattr(a, 'time_shift', 0), getattr(a, 'time_shift_cutoff', 0) or 0) < 0:
+        fail('--time-shift W and --time-shift-cutoff C must be >= 0')
+    if getattr(a, 'time_shift', 0):
+        c = round(0.3 * diff.T) if a.time_shift_cutoff is None else a.time_shift_cutoff
+        kw['time_shift'] = dict(window=a.time_shift, cutoff=c, var=a.time_shift_var)
+    try:
+        if a.eps_scale != 1.0 or a.eps_scale_k:
+            kw['eps_scale'] = eps_scale_schedule(diff.T, a.eps_scale, a.eps_scale_k, steps).to(diff.device)
+    except ValueError as e:
+        fail(f'--eps-scale {a.eps_scale:g} --eps-scale-k {a.eps_scale_k:g}: {e}')
     return kw

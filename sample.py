@@ -71,8 +71,8 @@ def main(argv=None):
             R.save_npz(a.npz, samples=arr.numpy())
         if a.grid:
             R.save_preview(to_model_space(x[:256]), x[:0], a.grid)
-        steps = chain['steps'] or diff.T
-        print(f'wrote {len(x)} samples of shape {tuple(x.shape[1:])} ({a.sampler}, {steps} steps, '
+        steps = a.steps or diff.T
+        print(f'wrote {len(x)} samples of shape {tuple(x.shape[1:])} ({a.sampler}, {steps} steps, {a.spacing} grid, '
               f'EMA={not a.no_ema}) to ' + ', '.join(filter(None, [a.grid, a.npz, a.png_dir])))
     R.teardown(end_process=True)
 

@@ -399,7 +399,9 @@ def test_faulttol_and_es_search_cli(toy_runs, tmp_path, capsys):
     (['errprop', '--steps', '101'], '--steps'), (['errprop', '--steps', '0'], '--steps'),
     (['errprop', '--sampler', 'ddim', '--eta', '-0.5'], '--eta'), (['errprop', '--eps-scale', '0'], 'eps'),
     (['faulttol', '--steps', '20', '--t0', '7'], '--t0'), (['faulttol', '--t0', '50', '--delta', '-1'], '--delta'),
-    (['es-search', '--grid', '0.9', '-1'], '--grid')])
+    (['es-search', '--grid', '0.9', '-1'], '--grid'),
+    (['errprop', '--spacing', 'adm', '--sampler', 'ddim', '--steps', '30'], 'integer stride'),
+    (['errprop', '--time-shift', '-2'], '--time-shift')])
 def test_few_step_bad_input_one_line(toy_runs, tmp_path, args, word):
     good, _ = toy_runs
     with pytest.raises(SystemExit) as e:
@@ -448,3 +450,15 @@ def test_sample_py_images_depend_on_their_seed_alone(tmp_path):
         out[b] = np.load(tmp_path / f'{b}.npz')['samples']
     sample.main(['--ckpt', run, '--n', '4', '--npz', str(tmp_path / 'four.npz')])
     assert np.array_equal(out[3], out[7]) and np.array_equal(np.load(tmp_path / 'four.npz')['samples'], out[3][:4])
+
+
+def test_errprop_on_adms_grid_with_the_time_shift_sampler(toy_runs, tmp_path):
+    """--spacing adm visits ADM's grid (from T, last step from index 1), --time-shift runs the
+    Time-Shift Sampler; both are recorded with the curve."""
+    from diffusion import adm_times
+    good, _ = toy_runs
+    ev.main(['errprop', '--ckpt', good, '--steps', '10', '--spacing', 'adm', '--time-shift', '6', '--n', '64', '--m', '64',
+             '--out', str(tmp_path / 'e'), '--device', 'cpu'])
+    r = json.load(open(tmp_path / 'e.json'))['runs'][0]
+    assert r['t'] == adm_times(r['T'], 10) and r['spacing'] == 'adm'
+    assert r['time_shift'] == dict(window=6, cutoff=round(0.3 * r['T']), var='sample')

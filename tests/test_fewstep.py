@@ -337,3 +337,89 @@ def test_reg_steps_T_is_the_papers_regulariser():
             b = consistency_reg(stub, d, xa, xb, r, k, lambda sh, g=gen(19): torch.randn(sh, generator=g),
                                 grad=grad, reg_steps=20)
             assert torch.equal(a, b), (r, k, grad)
+
+
+# ---- the two S-step grids: this project's (diffusers' trailing) and ADM's space_timesteps ----------
+@pytest.mark.parametrize('T,S', [(1000, 10), (1000, 20), (1000, 50), (1000, 100), (50, 10)])
+def test_grids_equal_diffusers_trailing_and_adms(T, S):
+    """times() is diffusers' "trailing" grid; adm_times is ADM's: its DDPM grid is diffusers'
+    "linspace" one (0 .. T-1, ending with the step from timestep 0), its DDIM grid the "leading" one.
+    Timesteps are 0-based there, chain indices t = timestep + 1 here; every chain ends at x_0."""
+    pytest.importorskip('diffusers')
+    from diffusers import DDIMScheduler, DDPMScheduler
+    from diffusion import adm_times
+
+    def grid(cls, spacing):
+        s = cls(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=0)
+        s.set_timesteps(S)
+        return [int(k) + 1 for k in s.timesteps] + [0]
+    assert times(T, 0, S) == grid(DDPMScheduler, 'trailing')
+    assert adm_times(T, S, 'ddpm') == grid(DDPMScheduler, 'linspace')
+    assert adm_times(T, S, 'ddim') == grid(DDIMScheduler, 'leading')
+    assert adm_times(T, S)[0] == T and adm_times(T, S)[-2:] == [1, 0] and len(adm_times(T, S)) == S + 1
+
+
+def test_adm_grid_runs_the_chain_and_eps_scaling_on_it():
+    """An explicit grid goes through sample_chain and eps_scale_schedule unchanged; ADM's DDIM grid
+    with no integer stride is refused in one line."""
+    from diffusion import adm_times
+    d = Diffusion(T=1000)
+    ts = adm_times(1000, 10, 'ddim')
+    seen = []
+    d.sample(stub, (4, 2), sampler='ddim', steps=ts, generator=gen(0), callback=lambda t, x: seen.append(t))
+    assert seen == ts
+    lam = eps_scale_schedule(1000, 1.1, 0.01, ts)
+    assert [round(float(lam[t]), 6) for t in ts[:-1]] == [round(1.1 + 0.01 * i, 6) for i in range(9, -1, -1)]
+    with pytest.raises(ValueError, match='no integer stride'):
+        adm_times(50, 20, 'ddim')
+
+
+# ---- the Time-Shift Sampler (Li et al., ICLR 2024, Alg. 3) -----------------------------------------
+def test_time_shift_picks_the_index_whose_noise_variance_matches_the_state():
+    """Rows built with variance exactly 1 - abar_tau get t_s = tau (inside the window); var='batch'
+    gives every row the one index matching the whole batch's variance."""
+    d = Diffusion(T=1000)
+    taus = torch.tensor([495, 500, 507])
+    x = torch.randn(3, 64, generator=gen(0))
+    x = (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True) * (1 - d.abar[taus]).sqrt()[:, None]
+    assert d.shifted_time(x, 500, 400, 20).tolist() == taus.tolist()
+    assert d.shifted_time(x, 500, 400, 4).tolist() == [498, 500, 502]   # clipped to the window
+    v = float(x.var())
+    want = int((v - (1 - d.abar[490:511])).abs().argmin()) + 490
+    assert d.shifted_time(x, 500, 400, 20, 'batch').tolist() == [want] * 3
+    assert d.shifted_time(x, 500, 495, 20).min() >= 496   # never at or below the step's target
+
+
+@pytest.mark.parametrize('sampler', ['ddpm', 'ddim'])
+def test_time_shifted_step_is_the_step_from_t_s_per_sample(sampler):
+    """A step from per-sample t_s equals, row by row, the plain respaced step from that int index."""
+    d = Diffusion(T=1000, sigma='posterior')
+    x, z = torch.randn(2, 3, generator=gen(1)), torch.randn(2, 3, generator=gen(2))
+    ts = torch.tensor([510, 490])
+    step = (lambda t, x, z: d.p_step(stub, x, t, z, 400)) if sampler == 'ddpm' else \
+        (lambda t, x, z: d.ddim_step(stub, x, t, 400, z, eta=0.5))
+    both = step(ts, x, z)
+    for i in range(2):
+        torch.testing.assert_close(both[i:i + 1], step(int(ts[i]), x[i:i + 1], z[i:i + 1]), rtol=1e-6, atol=1e-6)
+
+
+def test_time_shift_chain_calls_the_network_at_t_s_only_where_the_paper_shifts():
+    """Off (window 0) it is the plain chain bitwise; on, the first step and every step from t <= cutoff
+    run at the nominal index, the others at a t_s inside the window."""
+    d = Diffusion(T=1000)
+    seen = []
+
+    def net(x, t):
+        seen.append(t.tolist())
+        return stub(x, t)
+    plain = d.sample(stub, (5, 2), steps=10, generator=gen(3))
+    off = d.sample(stub, (5, 2), steps=10, generator=gen(3), time_shift=dict(window=0, cutoff=300))
+    assert torch.equal(plain, off)
+    d.sample(net, (5, 2), steps=10, generator=gen(3), time_shift=dict(window=40, cutoff=300))
+    nominal = times(1000, 0, 10)[:-1]
+    for i, (t, got) in enumerate(zip(nominal, seen)):
+        if i == 0 or t <= 300:
+            assert got == [t - 1] * 5
+        else:
+            assert all(abs(g + 1 - t) <= 20 for g in got)
+    assert any(g != [t - 1] * 5 for t, g in zip(nominal, seen))   # something did shift

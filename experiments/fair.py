@@ -70,6 +70,37 @@ def job_list(a):
     return jobs
 
 
+# ---- after the arms: ADM's grid and the Time-Shift Sampler on every model (--fair --extra) -----------
+GRID_STEPS = (10, 20)   # where the field's few-step numbers are reported
+TS_WINDOW = {10: 40, 20: 30, 50: 8, 100: 2}   # Li et al.'s CIFAR-10 TS-DDIM windows (their Fig. 7), at T = 1000
+
+
+def ts_setting(T, S, var='sample'):
+    """The Time-Shift Sampler at S steps of a T-step chain: the paper's window scaled by T / 1000, the
+    cutoff 0.3 T (their 300); None where the scaled window is below 2 (no candidate but t)."""
+    w = round(TS_WINDOW[S] * T / 1000)
+    return dict(window=w, cutoff=round(0.3 * T), var=var) if w >= 2 else None
+
+
+def extra_jobs(a):
+    """One job per fair_* run: its extras (results/fairx/), run as soon as the run's own result exists."""
+    return [dict(j, name='fairx' + j['name'][4:], kind='fair_extra', deps=[j['name']], run=j['name'])
+            for j in job_list(a)]
+
+
+def extra_scores(model, diff, seed, n, resolution_scores):
+    """ADM's grid at GRID_STEPS and the Time-Shift Sampler (per-sample variance, the paper's; at S <= 20
+    also the batch variance) at S <= 100, each on the same streams as the run's own scores."""
+    out = dict(adm=resolution_scores(model, diff, DS, seed, n=n, steps=GRID_STEPS, spacing='adm'))
+    for var, Ss in (('sample', (10, 20, 50, 100)), ('batch', (10, 20))):
+        for S in (S for S in Ss if S <= diff.T and ts_setting(diff.T, S)):
+            sc = resolution_scores(model, diff, DS, seed, n=n, steps=(S,), time_shift=ts_setting(diff.T, S, var))
+            for e, d in sc.items():
+                for kern, v in d.items():
+                    out.setdefault(f'ts_{var}', {}).setdefault(e, {}).setdefault(kern, {}).update(v)
+    return out
+
+
 # ---- the report -----------------------------------------------------------------------------------
 def load(folder):
     runs = [read_json(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if f.endswith('.json')]
@@ -122,7 +153,9 @@ def summary(folder=os.path.join(RES, 'fair')):
                     cos_nll=float(np.mean([x['mean_cos_nll'] for x in g])), cos_nll_std=float(np.std([x['mean_cos_nll'] for x in g], ddof=1)))
             out['cost'][f'{rg}_{m}'] = dict(train_s=float(np.mean([by[(rg, m, s)].get('train_wall_s') or np.nan for s in seeds])),
                                             eval_s=float(np.mean([by[(rg, m, s)].get('eval_wall_s') or np.nan for s in seeds])))
-    out['process_hours'] = sum((r.get('train_wall_s') or 0) + (r.get('eval_wall_s') or 0) for r in by.values()) / 3600
+    bx = load(os.path.join(os.path.dirname(folder), 'fairx')) if os.path.isdir(os.path.join(os.path.dirname(folder), 'fairx')) else {}
+    extra_tables(by, bx, out)
+    out['process_hours'] = sum(r.get('eval_wall_s') or 0 for r in bx.values()) / 3600 + sum((r.get('train_wall_s') or 0) + (r.get('eval_wall_s') or 0) for r in by.values()) / 3600
     out['runs'] = len(by)
     R.write_json(os.path.join(RES, 'fair_toy.json'), out)
     md = markdown(out)
@@ -130,6 +163,44 @@ def summary(folder=os.path.join(RES, 'fair')):
     if out['tables']:
         plot(out)
     return md
+
+
+def paired_cell(diffs, **info):
+    t = ST.paired(diffs)
+    return dict(info, diff=t['mean'], ci=list(t['ci']), p=t['p'], diff_std=t['std'], n=t['n'])
+
+
+def holm_fill(cells):
+    for c, q in zip(cells, ST.holm([c['p'] for c in cells])):
+        c['p_holm'] = q
+        c['min_detectable'] = ST.min_detectable(c['diff_std'], c['n'], 0.05 / len(cells))
+    return cells
+
+
+def extra_tables(by, bx, out):
+    """From results/fairx/: out['grid'] (per T and kernel: arm - control on this project's trailing grid
+    and on ADM's, and the control's own adm - trailing) and out['ts'] (the Time-Shift Sampler minus the
+    plain ancestral chain, per model: the same network, streams and S). Holm over each table."""
+    out['grid'], out['ts'] = {}, {}
+    for key, tb in out['tables'].items():
+        rg, kern, seeds = tb['regime'], tb['kernel'], tb['seeds']
+        models = ['base', 'control'] + tb['arms'][1:]
+        if not all((rg, m, s) in bx for m in models for s in seeds):
+            continue
+        main = lambda m, s, S: by[(rg, m, s)]['scores']['e0'][kern][str(S)]['model']  # noqa: E731
+        ext = lambda m, s, what, S: bx[(rg, m, s)]['scores'][what]['e0'][kern][str(S)]['model']  # noqa: E731
+        cells = []
+        for S in GRID_STEPS:
+            cells.append(paired_cell([ext('control', s, 'adm', S) - main('control', s, S) for s in seeds],
+                                     arm='control', S=S, grid='adm - trailing'))
+            for m in models[2:]:
+                for grid, get in (('trailing', lambda m, s: main(m, s, S)), ('adm', lambda m, s: ext(m, s, 'adm', S))):
+                    cells.append(paired_cell([get(m, s) - get('control', s) for s in seeds], arm=m, S=S, grid=grid))
+        out['grid'][key] = holm_fill(cells)
+        cells = [paired_cell([ext(m, s, what, S) - main(m, s, S) for s in seeds], arm=m, S=int(S), var=what[3:])
+                 for what in ('ts_sample', 'ts_batch') for S in bx[(rg, 'control', seeds[0])]['scores'].get(what, {}).get('e0', {}).get(kern, {})
+                 for m in models]
+        out['ts'][key] = holm_fill(cells)
 
 
 def e4(v):
@@ -157,6 +228,31 @@ def markdown(out):
         det = [c['min_detectable'] for c in tb['cells']]
         lines += ['', f"Smallest change this table detects (80 % power, Holm's first step): {e4(min(det))} to {e4(max(det))}; "
                   f"Holm p of every cell: results/fair_toy.json.\n"]
+    for key, cells in out.get('grid', {}).items():
+        if not key.endswith('laplace'):
+            continue
+        cols = [(S, g) for S in GRID_STEPS for g in ('trailing', 'adm')]
+        lines += [f"**ADM's grid against this project's, T = {key[1:].split('_')[0]}** (laplace, unbiased MMD^2 x 1e-4; arm - "
+                  "control on each grid, paired by seed; first row: the control's own adm - trailing; * Holm p < 0.05)\n",
+                  '| arm | ' + ' | '.join(f'S = {S}, {g}' for S, g in cols) + ' |', '|---|' + '---:|' * len(cols)]
+        for m in dict.fromkeys(c['arm'] for c in cells):
+            cs = {(c['S'], 'adm' if c['grid'] == 'adm - trailing' else c['grid']): c for c in cells if c['arm'] == m}
+            name = 'control: adm - trailing' if m == 'control' else LABEL[m]
+            lines.append(f'| {name} | ' + ' | '.join(cell_text(cs[k]) if k in cs else '' for k in cols) + ' |')
+        lines.append('')
+    for key, cells in out.get('ts', {}).items():
+        if not key.endswith('laplace') or not cells:
+            continue
+        cols = list(dict.fromkeys((c['S'], c['var']) for c in cells))
+        lines += [f"**The Time-Shift Sampler, T = {key[1:].split('_')[0]}** (laplace, unbiased MMD^2 x 1e-4; TS - plain "
+                  'ancestral chain of the same model, streams and S, paired by seed; window: Li et al.\'s CIFAR-10 one '
+                  'scaled by T / 1000, cutoff 0.3 T; var: the state\'s variance per sample (the paper) or over the '
+                  'batch; * Holm p < 0.05)\n',
+                  '| model | ' + ' | '.join(f'S = {S}, {v}' for S, v in cols) + ' |', '|---|' + '---:|' * len(cols)]
+        for m in dict.fromkeys(c['arm'] for c in cells):
+            cs = {(c['S'], c['var']): c for c in cells if c['arm'] == m}
+            lines.append(f'| {LABEL[m]} | ' + ' | '.join(cell_text(cs[k]) for k in cols) + ' |')
+        lines.append('')
     if out['weights']:
         lines += ["**The regulariser's effective weight and signal** (bench --what reg-grad, 40 batches, mean over seeds): "
                   "|grad of the weighted regulariser| / |grad of the weighted eps-MSE| (median over batches), and the cosine "

@@ -31,7 +31,7 @@ import torch
 
 import data as D
 import runtime as R
-from diffusion import eps_scale_schedule
+from diffusion import adm_times, eps_scale_schedule
 from mmd import errprop_curve, fault_tolerance, mmd, mmd2, signed_sqrt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
@@ -82,7 +82,7 @@ def read_json(path):
 def result_path(name):
     """The file whose existence means job `name` is done (dtype_* / sweep_* / ...: results/dtype|sweep|.../)."""
     family = name.split('_')[0]
-    return os.path.join(RES, family if family in ('dtype', 'sweep', 'resolution', 'fair') else 'steps', name + '.json')
+    return os.path.join(RES, family if family in ('dtype', 'sweep', 'resolution', 'fair', 'fairx') else 'steps', name + '.json')
 
 
 def job_list(a):
@@ -322,18 +322,22 @@ def evaluate_steps(model, diff, cfg, n=1000, n_select=500, es_max_steps=100, chu
 
 
 @torch.no_grad()
-def resolution_scores(model, diff, ds, seed, n=5000, steps=STEPS, eval_seeds=(0,)):
+def resolution_scores(model, diff, ds, seed, n=5000, steps=STEPS, eval_seeds=(0,), spacing='trailing', **chain):
     """The toy metric with resolution: the unbiased MMD^2 itself (not its signed root) of n chain
     samples (ancestral, S steps) against n fresh true draws, gaussian and laplace kernels, and the
     perfect-model floor: the same statistic between two fresh sets of n true draws. Every stream
     is drawn from (seed, eval seed, purpose, S): independent per training seed and per purpose;
-    eval seeds beyond the first repeat the evaluation of this one model (its own spread)."""
+    eval seeds beyond the first repeat the evaluation of this one model (its own spread). spacing
+    'adm': ADM's S-step grid (diffusion.adm_times); chain: more of sample_chain's settings (time_shift).
+    The streams do not depend on either, so a grid or a sampler is compared on the same draws."""
     out = {}
     for e in eval_seeds:
         for S in (S for S in steps if S <= diff.T):
             g = {p: R.rng(seed, 'resolution-' + p, e, S) for p in ('sample', 'ref', 'floor')}
             with torch.inference_mode():
-                x = diff.sample(model, (n, *D.sample_toy(ds, 1, torch.Generator()).shape[1:]), steps=S, generator=g['sample'])
+                grid = adm_times(diff.T, S) if spacing == 'adm' else S
+                x = diff.sample(model, (n, *D.sample_toy(ds, 1, torch.Generator()).shape[1:]), steps=grid, generator=g['sample'],
+                                **chain)
             ref, a, b = (D.sample_toy(ds, n, g[p]) for p in ('ref', 'floor', 'floor'))
             for kern in ('gaussian', 'laplace'):
                 out.setdefault(f'e{e}', {}).setdefault(kern, {})[S] = dict(

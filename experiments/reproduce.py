@@ -34,7 +34,7 @@ from experiments.protocol import OUT, RES, ROOT, mnist_flags, read_json, result_
 
 def job_list(a):
     """Ordered by priority (what RESULTS.md needs most comes first); --only keeps a subset."""
-    jobs = F.job_list(a) if getattr(a, 'fair', False) else P.job_list(a)
+    jobs = (F.extra_jobs(a) if a.extra else F.job_list(a)) if getattr(a, 'fair', False) else P.job_list(a)
     return [j for j in jobs if any(o in j['name'] for o in a.only)] if a.only else jobs
 
 
@@ -166,6 +166,16 @@ def job_fair_arm(a, job):
     res.update(config=cfg, n=a.resolution_n, scores=P.resolution_scores(model, diff, F.DS, job['seed'], n=a.resolution_n))
     if cfg['reg'] or job['method'] == 'control':
         res['reg_grad'] = reg_grad(out, job['name'])
+    res['eval_wall_s'] = time.time() - t0
+    R.write_json(result_path(job['name']), res)
+
+
+def job_fair_extra(a, job):
+    """ADM's grid and the Time-Shift Sampler on a finished fair_* run (fair.extra_scores)."""
+    model, diff, cfg = R.load_checkpoint(os.path.join(OUT, job['run']), 'cpu', ema=True, dtype='fp32')
+    t0 = time.time()
+    res = dict(job={k: v for k, v in job.items() if k != 'deps'}, n=a.resolution_n,
+               scores=F.extra_scores(model, diff, job['seed'], a.resolution_n, P.resolution_scores))
     res['eval_wall_s'] = time.time() - t0
     R.write_json(result_path(job['name']), res)
 
@@ -335,6 +345,8 @@ def main():
     p.add_argument('--fair', action='store_true', help="only issue 28's fair test (experiments/fair.py): vanilla "
                    '8gaussians bases trained to their plateau, then equal fine-tuning arms (results/fair/, summary '
                    'results/fair_toy.md/.json/.png); with --report only the summary')
+    p.add_argument('--extra', action='store_true', help="--fair: ADM's grid and the Time-Shift Sampler on every "
+                   'fair run, each as soon as the run is done (results/fairx/)')
     p.add_argument('--fair-base-steps', type=int, default=F.BASE_STEPS, help='--fair: training steps of the bases')
     p.add_argument('--fair-ft-steps', type=int, default=F.FT_STEPS, help='--fair: fine-tuning steps of every arm')
     p.add_argument('--report', action='store_true', help='only aggregate and plot what exists')
@@ -351,7 +363,7 @@ def main():
         if job is None:
             R.fail(f'no job {a.job}')
         dict(timing=job_timing, steps=job_steps, resolution=job_resolution, fair_base=job_fair_base,
-             fair_arm=job_fair_arm)[job['kind']](a, job)
+             fair_arm=job_fair_arm, fair_extra=job_fair_extra)[job['kind']](a, job)
         return
     if a.check:
         bad = check_results()

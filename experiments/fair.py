@@ -153,15 +153,17 @@ def summary(folder=os.path.join(RES, 'fair')):
                     cos_nll=float(np.mean([x['mean_cos_nll'] for x in g])), cos_nll_std=float(np.std([x['mean_cos_nll'] for x in g], ddof=1)))
             out['cost'][f'{rg}_{m}'] = dict(train_s=float(np.mean([by[(rg, m, s)].get('train_wall_s') or np.nan for s in seeds])),
                                             eval_s=float(np.mean([by[(rg, m, s)].get('eval_wall_s') or np.nan for s in seeds])))
-    bx = load(os.path.join(os.path.dirname(folder), 'fairx')) if os.path.isdir(os.path.join(os.path.dirname(folder), 'fairx')) else {}
+    fx = os.path.join(os.path.dirname(folder), 'fairx')
+    bx = load(fx) if os.path.isdir(fx) else {}
     extra_tables(by, bx, out)
     out['process_hours'] = sum(r.get('eval_wall_s') or 0 for r in bx.values()) / 3600 + sum((r.get('train_wall_s') or 0) + (r.get('eval_wall_s') or 0) for r in by.values()) / 3600
     out['runs'] = len(by)
-    R.write_json(os.path.join(RES, 'fair_toy.json'), out)
+    res = os.path.dirname(folder)   # results/: fair_toy.* beside results/fair/
+    R.write_json(os.path.join(res, 'fair_toy.json'), out)
     md = markdown(out)
-    R.atomic_write(os.path.join(RES, 'fair_toy.md'), lambda f: f.write(md), binary=False)
+    R.atomic_write(os.path.join(res, 'fair_toy.md'), lambda f: f.write(md), binary=False)
     if out['tables']:
-        plot(out)
+        plot(out, os.path.join(res, 'fair_toy.png'))
     return md
 
 
@@ -275,7 +277,7 @@ def markdown(out):
     return '\n'.join(lines).strip() + '\n'
 
 
-def plot(out):
+def plot(out, path):
     """Top: the bases' plateau (laplace MMD^2 against training steps, S = 20 and S = T) with the floor
     band. Bottom: every arm's paired change against the control with its 95 % CI, at S = 10 and S = T."""
     import matplotlib
@@ -311,4 +313,4 @@ def plot(out):
                      f"({len(tb['seeds'])} seeds; < 0 = better)", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    R.save_figure(fig, os.path.join(RES, 'fair_toy.png'))
+    R.save_figure(fig, path)

@@ -181,3 +181,53 @@ def test_results_md_checks_itself(tmp_path):
     md.write_text(good)
     os.utime(res / 'steps' / 'steps_a_s0.json', (2e9, 2e9))   # a run newer than the report
     assert any('older than a run' in b for b in RP.check_results(str(md), str(res)))
+
+
+def test_fair_job_list_and_summary(tmp_path):
+    """Issue 28's fair test: every arm fine-tunes from its own seed's base (the bases run first, the main
+    arms before the others); the summary pairs each arm with the control by seed, Holm over each table,
+    and reads the grid and Time-Shift extras and the bases' plateau."""
+    from argparse import Namespace
+    from experiments import fair as F
+    a = Namespace(seeds=[0, 1, 2], fair_base_steps=200, fair_ft_steps=20)
+    jobs = F.job_list(a)
+    bases = [j for j in jobs if j['kind'] == 'fair_base']
+    assert jobs[:len(bases)] == bases and len(bases) == 6 and F.stages(200) == [200] and F.stages(20000) == list(F.STAGES)
+    arms = [j for j in jobs if j['kind'] == 'fair_arm']
+    assert all(j['deps'] == [F.base_name(j['regime'], j['seed'])] and j['steps'] == 20 for j in arms)
+    assert not any(j['method'] == 'S20' and j['regime'] == 'T50' for j in arms)
+    assert max(i for i, j in enumerate(arms) if j['method'] in F.GROUPS[0]) < min(i for i, j in enumerate(arms) if j['method'] in F.GROUPS[1])
+    assert [j['run'] for j in F.extra_jobs(a)] == [j['name'] for j in jobs]
+    assert F.ts_setting(1000, 10) == dict(window=40, cutoff=300, var='sample') and F.ts_setting(50, 50) is None
+    rng = np.random.default_rng(0)
+    shift = dict(control=0.0, base=0.002, lit=0.0, **{m: 0.001 for m in F.ARMS if m not in ('control', 'lit')})
+    for folder in ('fair', 'fairx'):
+        (tmp_path / folder).mkdir()
+    for seed in range(3):
+        noise = {S: 1e-4 * rng.standard_normal() for S in F.STEPS}
+        for j in (j for j in jobs if j['seed'] == seed):
+            rg, m, T = j['regime'], j['method'], int(j['regime'][1:])
+            sc = lambda extra=0.0: {'e0': {k: {str(S): dict(model=0.01 + noise[S] + shift[m] + extra, floor=1e-5 * seed)  # noqa: E731
+                                               for S in F.STEPS if S <= T} for k in ('gaussian', 'laplace')}}
+            res = dict(job=j, scores=sc(), train_wall_s=1.0, eval_wall_s=2.0,
+                       reg_grad=dict(median_ratio=0.1, mean_cos_reg=0.01 * seed, mean_cos_nll=0.5 + 0.01 * seed))
+            if m == 'base':
+                res['plateau'] = [dict(step=st, scores={f'e{st}': {k: {'20': dict(model=1.0 / st, floor=0.0)}
+                                                                  for k in ('gaussian', 'laplace')}}) for st in (100, 200)]
+            R.write_json(tmp_path / 'fair' / f"{j['name']}.json", res)
+            R.write_json(tmp_path / 'fairx' / f"fairx{j['name'][4:]}.json", dict(job=j, eval_wall_s=1.0, scores=dict(
+                adm=sc(0.003), ts_sample=sc(-0.004), ts_batch={'e0': {k: {'10': v['10']} for k, v in sc(0.0)['e0'].items()}})))
+    md = F.summary(str(tmp_path / 'fair'))
+    out = json.load(open(tmp_path / 'fair_toy.json'))
+    tb = out['tables']['T1000_laplace']
+    assert tb['seeds'] == [0, 1, 2] and tb['arms'][0] == 'base' and (tmp_path / 'fair_toy.png').is_file()
+    for c in tb['cells']:
+        assert c['diff'] == pytest.approx(shift[c['arm']], abs=1e-12)
+        assert c['p_holm'] >= c['p'] or np.isnan(c['p'])
+    grid = {(c['arm'], c['S'], c['grid']): c['diff'] for c in out['grid']['T1000_laplace']}
+    assert grid[('control', 10, 'adm - trailing')] == pytest.approx(0.003) and grid[('m0.2', 20, 'adm')] == pytest.approx(0.001)
+    ts = {(c['arm'], c['S'], c['var']): c['diff'] for c in out['ts']['T50_laplace']}
+    assert ts[('control', 50, 'sample')] == pytest.approx(-0.004) and ts[('sa', 10, 'batch')] == pytest.approx(0.0, abs=1e-12)
+    assert out['plateau']['T50']['laplace_S20'] == {'100': [0.01, 0.0], '200': [0.005, 0.0]}
+    assert out['weights']['T1000_lit']['cos_reg'] == pytest.approx(0.01) and out['runs'] == len(jobs)
+    assert "ADM's grid against this project's, T = 1000" in md and 'The Time-Shift Sampler, T = 50' in md

@@ -91,10 +91,10 @@ def extra_jobs(a):
 def extra_scores(model, diff, seed, n, resolution_scores):
     """ADM's grid at GRID_STEPS and the Time-Shift Sampler (per-sample variance, the paper's; at S <= 20
     also the batch variance) at S <= 100, each on the same streams as the run's own scores."""
-    out = dict(adm=resolution_scores(model, diff, DS, seed, n=n, steps=GRID_STEPS, spacing='adm'))
+    out = dict(adm=resolution_scores(model, diff, DS, seed, n=n, steps=GRID_STEPS, spacing='adm', floor=False))
     for var, Ss in (('sample', (10, 20, 50, 100)), ('batch', (10, 20))):
         for S in (S for S in Ss if S <= diff.T and ts_setting(diff.T, S)):
-            sc = resolution_scores(model, diff, DS, seed, n=n, steps=(S,), time_shift=ts_setting(diff.T, S, var))
+            sc = resolution_scores(model, diff, DS, seed, n=n, steps=(S,), floor=False, time_shift=ts_setting(diff.T, S, var))
             for e, d in sc.items():
                 for kern, v in d.items():
                     out.setdefault(f'ts_{var}', {}).setdefault(e, {}).setdefault(kern, {}).update(v)

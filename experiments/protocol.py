@@ -32,7 +32,7 @@ import torch
 import data as D
 import runtime as R
 from diffusion import adm_times, eps_scale_schedule
-from mmd import errprop_curve, fault_tolerance, mmd, mmd2, signed_sqrt
+from mmd import errprop_curve, fault_tolerance, mmd, mmd2, mmd2_many, signed_sqrt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 # where results (committed) and raw runs (git-ignored) go; the environment can redirect both
@@ -322,14 +322,15 @@ def evaluate_steps(model, diff, cfg, n=1000, n_select=500, es_max_steps=100, chu
 
 
 @torch.no_grad()
-def resolution_scores(model, diff, ds, seed, n=5000, steps=STEPS, eval_seeds=(0,), spacing='trailing', **chain):
+def resolution_scores(model, diff, ds, seed, n=5000, steps=STEPS, eval_seeds=(0,), spacing='trailing', floor=True, **chain):
     """The toy metric with resolution: the unbiased MMD^2 itself (not its signed root) of n chain
     samples (ancestral, S steps) against n fresh true draws, gaussian and laplace kernels, and the
     perfect-model floor: the same statistic between two fresh sets of n true draws. Every stream
     is drawn from (seed, eval seed, purpose, S): independent per training seed and per purpose;
     eval seeds beyond the first repeat the evaluation of this one model (its own spread). spacing
     'adm': ADM's S-step grid (diffusion.adm_times); chain: more of sample_chain's settings (time_shift).
-    The streams do not depend on either, so a grid or a sampler is compared on the same draws."""
+    The streams do not depend on either, so a grid or a sampler is compared on the same draws.
+    floor False: no floor (it depends on (seed, e, S) alone: a second call would repeat it)."""
     out = {}
     for e in eval_seeds:
         for S in (S for S in steps if S <= diff.T):
@@ -339,9 +340,11 @@ def resolution_scores(model, diff, ds, seed, n=5000, steps=STEPS, eval_seeds=(0,
                 x = diff.sample(model, (n, *D.sample_toy(ds, 1, torch.Generator()).shape[1:]), steps=grid, generator=g['sample'],
                                 **chain)
             ref, a, b = (D.sample_toy(ds, n, g[p]) for p in ('ref', 'floor', 'floor'))
-            for kern in ('gaussian', 'laplace'):
+            kerns = ('gaussian', 'laplace')   # one distance matrix and median for both kernels
+            m, f = mmd2_many(x, ref, kerns, 'u'), (mmd2_many(a, b, kerns, 'u') if floor else {})
+            for kern in kerns:
                 out.setdefault(f'e{e}', {}).setdefault(kern, {})[S] = dict(
-                    model=float(mmd2(x, ref, kern, 'u')), floor=float(mmd2(a, b, kern, 'u')))
+                    model=float(m[kern]), **({'floor': float(f[kern])} if floor else {}))
     return out
 
 

@@ -75,9 +75,10 @@ def mark(cells, alpha=ALPHA):
 def fmt(st, digits=4):
     if st is None:
         return '-'
-    star = '*' if st.get('sig') else ''
-    sign = '+' if st['diff'] else ''
-    return f"{st['mean']:{sign}.{digits}f} ± {st['std']:.{digits}f}{star}" + (f" (n={st['n']})" if st['n'] != 5 else '')
+    star, n = '*' if st.get('sig') else '', (f" (n={st['n']})" if st['n'] != 5 else '')
+    if st['diff'] and all(map(math.isfinite, st.get('ci', [math.nan]))):   # a paired difference: its 95 % interval
+        return f"{st['mean']:+.{digits}f} [{st['ci'][0]:+.{digits}f}, {st['ci'][1]:+.{digits}f}]{star}{n}"
+    return f"{st['mean']:{'+' if st['diff'] else ''}.{digits}f} ± {st['std']:.{digits}f}{star}{n}"
 
 
 def row_of(run, sampler, S):
@@ -135,9 +136,10 @@ def report_steps(a):
         return
     key = {ds: 'mmd' if D.is_toy(ds) else 'fd' for ds, _, _ in runs}
     summary, md = dict(final={}, shape={}, reg={}, cost=timing), []
-    md.append('Paired differences to vanilla at the same seed (negative = better), mean ± std over seeds '
-              f'(n = 5 unless shown); * = paired t-test p < {ALPHA:g} after Holm\'s correction over the cells of '
-              'its table (metrics/stats.py). "+ES": after epsilon scaling.')
+    md.append('Paired differences to vanilla at the same seed (negative = better): mean over seeds and its 95 % t '
+              'interval [lo, hi]; values (rows marked "value"): mean ± std over seeds (n = 5 unless shown); '
+              f'* = paired t-test p < {ALPHA:g} after Holm\'s correction over the cells of its table '
+              '(metrics/stats.py; every cell\'s p and Holm p: steps_summary.json). "+ES": after epsilon scaling.')
     for ds in sorted({k[0] for k in runs}):
         first = next(rs[0] for k, rs in runs.items() if k[0] == ds)
         floor = final_floor(ds, first['n'], cfg=first['config'], n_ref=first.get('n_ref', N_REF))

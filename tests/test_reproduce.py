@@ -183,6 +183,29 @@ def test_results_md_checks_itself(tmp_path):
     assert any('older than a run' in b for b in RP.check_results(str(md), str(res)))
 
 
+def test_results_md_claims_and_fair_tables_check_and_sync(tmp_path):
+    """A claim marker must equal its JSON value at the printed precision; a table copied from
+    fair_toy.md must equal it; --sync-tables rewrites copied tables (and only them) from the reports."""
+    from experiments import reproduce as RP
+    res = tmp_path / 'results'
+    res.mkdir()
+    R.write_json(res / 'fair_toy.json', dict(tables=dict(T50_laplace=dict(cells=[dict(arm='lit', S=10, diff=2.7359e-4),
+                                                                                 dict(arm='m0.2', S=10, diff=-1e-5)]))))
+    (res / 'fair_toy.md').write_text('**T = 50, laplace kernel** (3 seeds)\n\n| arm | S = 10 |\n|---|---:|\n| lit | +2.74 |\n')
+    claim = '<!-- claim results/fair_toy.json tables.T50_laplace.cells[arm=lit,S=10].diff*1e4 = +2.74 -->'
+    good = f'The literal arm: +2.74 {claim}\n\n**T = 50, laplace kernel** (copied)\n\n| arm | S = 10 |\n|---|---:|\n| lit | +2.74 |\n'
+    md = tmp_path / 'RESULTS.md'
+    md.write_text(good)
+    assert RP.check_results(str(md), str(res)) == []
+    for broken, why in ((good.replace('= +2.74 -->', '= +2.75 -->'), 'claims'), (good.replace('arm=lit', 'arm=none'), 'claims'),
+                        (good.replace('| lit | +2.74 |', '| lit | +2.70 |'), 'differs from results/fair_toy.md')):
+        md.write_text(broken)
+        bad = RP.check_results(str(md), str(res))
+        assert len(bad) == 1 and why in bad[0], bad
+    assert RP.sync_tables(str(md), str(res)) == ['T = 50, laplace kernel']
+    assert md.read_text() == good and RP.check_results(str(md), str(res)) == []   # the +2.70 table restored
+
+
 def test_fair_job_list_and_summary(tmp_path):
     """Issue 28's fair test: every arm fine-tunes from its own seed's base (the bases run first, the main
     arms before the others); the summary pairs each arm with the control by seed, Holm over each table,

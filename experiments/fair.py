@@ -82,17 +82,22 @@ def ts_setting(T, S, var='sample'):
     return dict(window=w, cutoff=round(0.3 * T), var=var) if w >= 2 else None
 
 
+EXTRA_ARMS = ('base',) + GROUPS[0]   # the CPU budget of this round: the bases and the main arms
+
+
 def extra_jobs(a):
-    """One job per fair_* run: its extras (results/fairx/), run as soon as the run's own result exists."""
+    """One job per fair_* run of EXTRA_ARMS: its extras (results/fairx/), run as soon as the run's own
+    result exists."""
     return [dict(j, name='fairx' + j['name'][4:], kind='fair_extra', deps=[j['name']], run=j['name'])
-            for j in job_list(a)]
+            for j in job_list(a) if j['method'] in EXTRA_ARMS]
 
 
 def extra_scores(model, diff, seed, n, resolution_scores):
     """ADM's grid at GRID_STEPS and the Time-Shift Sampler (per-sample variance, the paper's; at S <= 20
-    also the batch variance) at S <= 100, each on the same streams as the run's own scores."""
+    also the batch variance) at S <= 50 (at S = 100 the paper's window, 2, leaves t_s within one
+    index of t), each on the same streams as the run's own scores."""
     out = dict(adm=resolution_scores(model, diff, DS, seed, n=n, steps=GRID_STEPS, spacing='adm', floor=False))
-    for var, Ss in (('sample', (10, 20, 50, 100)), ('batch', (10, 20))):
+    for var, Ss in (('sample', (10, 20, 50)), ('batch', (10, 20))):
         for S in (S for S in Ss if S <= diff.T and ts_setting(diff.T, S)):
             sc = resolution_scores(model, diff, DS, seed, n=n, steps=(S,), floor=False, time_shift=ts_setting(diff.T, S, var))
             for e, d in sc.items():

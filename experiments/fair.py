@@ -124,7 +124,8 @@ def summary(folder=os.path.join(RES, 'fair')):
         if len(seeds) < 2:
             continue
         T = int(rg[1:])
-        arms = ['base'] + [m for m in ARMS if m != 'control' and all((rg, m, s) in by for s in seeds)]
+        have = {m: [s for s in seeds if (rg, m, s) in by] for m in ARMS}   # an arm cut by the budget: its seeds so far
+        arms = ['base'] + [m for m in ARMS if m != 'control' and len(have[m]) >= 2]
         for kern in ('gaussian', 'laplace'):
             cells = []
             for S in (S for S in STEPS if S <= T):
@@ -132,14 +133,10 @@ def summary(folder=os.path.join(RES, 'fair')):
                 ctl = [get('control', s) for s in seeds]
                 floor = [get('control', s, 'floor') for s in seeds]
                 for m in arms:
-                    t = ST.paired([get(m, s) - get('control', s) for s in seeds])
-                    cells.append(dict(arm=m, S=S, control_mean=float(np.mean(ctl)), control_std=float(np.std(ctl, ddof=1)),
-                                      diff=t['mean'], ci=list(t['ci']), p=t['p'], diff_std=t['std'],
-                                      floor_mean=float(np.mean(floor)), floor_std=float(np.std(floor, ddof=1))))
-            for c, q in zip(cells, ST.holm([c['p'] for c in cells])):
-                c['p_holm'] = q
-                c['min_detectable'] = ST.min_detectable(c['diff_std'], len(seeds), 0.05 / len(cells))
-            out['tables'][f'{rg}_{kern}'] = dict(regime=rg, kernel=kern, seeds=seeds, arms=arms, cells=cells)
+                    cells.append(paired_cell([get(m, s) - get('control', s) for s in have.get(m, seeds)], arm=m, S=S,
+                                             control_mean=float(np.mean(ctl)), control_std=float(np.std(ctl, ddof=1)),
+                                             floor_mean=float(np.mean(floor)), floor_std=float(np.std(floor, ddof=1))))
+            out['tables'][f'{rg}_{kern}'] = dict(regime=rg, kernel=kern, seeds=seeds, arms=arms, cells=holm_fill(cells))
         pl = {}
         for s in seeds:
             for st in by[(rg, 'base', s)]['plateau']:
@@ -150,14 +147,15 @@ def summary(folder=os.path.join(RES, 'fair')):
         out['plateau'][rg] = {k: {str(step): [float(np.mean(v)), float(np.std(v, ddof=1))] for step, v in sorted(d.items())}
                               for k, d in pl.items()}
         for m in ['base', 'control'] + arms[1:]:
-            g = [by[(rg, m, s)].get('reg_grad') for s in seeds]
+            ss = have.get(m, seeds)
+            g = [by[(rg, m, s)].get('reg_grad') for s in ss]
             if all(g):
                 out['weights'][f'{rg}_{m}'] = dict(
                     ratio_median=float(np.mean([x['median_ratio'] for x in g])),
                     cos_reg=float(np.mean([x['mean_cos_reg'] for x in g])), cos_reg_std=float(np.std([x['mean_cos_reg'] for x in g], ddof=1)),
                     cos_nll=float(np.mean([x['mean_cos_nll'] for x in g])), cos_nll_std=float(np.std([x['mean_cos_nll'] for x in g], ddof=1)))
-            out['cost'][f'{rg}_{m}'] = dict(train_s=float(np.mean([by[(rg, m, s)].get('train_wall_s') or np.nan for s in seeds])),
-                                            eval_s=float(np.mean([by[(rg, m, s)].get('eval_wall_s') or np.nan for s in seeds])))
+            out['cost'][f'{rg}_{m}'] = dict(train_s=float(np.mean([by[(rg, m, s)].get('train_wall_s') or np.nan for s in ss])),
+                                            eval_s=float(np.mean([by[(rg, m, s)].get('eval_wall_s') or np.nan for s in ss])))
     fx = os.path.join(os.path.dirname(folder), 'fairx')
     bx = load(fx) if os.path.isdir(fx) else {}
     extra_tables(by, bx, out)
@@ -191,22 +189,24 @@ def extra_tables(by, bx, out):
     out['grid'], out['ts'] = {}, {}
     for key, tb in out['tables'].items():
         rg, kern, seeds = tb['regime'], tb['kernel'], tb['seeds']
-        models = ['base', 'control'] + tb['arms'][1:]
-        if not all((rg, m, s) in bx for m in models for s in seeds):
+        ok = lambda m: [s for s in seeds if (rg, m, s) in bx and (rg, m, s) in by and (rg, 'control', s) in bx]  # noqa: E731
+        models = [m for m in ['base', 'control'] + tb['arms'][1:] if len(ok(m)) >= 2]
+        if 'control' not in models:
             continue
         main = lambda m, s, S: by[(rg, m, s)]['scores']['e0'][kern][str(S)]['model']  # noqa: E731
         ext = lambda m, s, what, S: bx[(rg, m, s)]['scores'][what]['e0'][kern][str(S)]['model']  # noqa: E731
         cells = []
         for S in GRID_STEPS:
-            cells.append(paired_cell([ext('control', s, 'adm', S) - main('control', s, S) for s in seeds],
+            cells.append(paired_cell([ext('control', s, 'adm', S) - main('control', s, S) for s in ok('control')],
                                      arm='control', S=S, grid='adm - trailing'))
             for m in models[2:]:
                 for grid, get in (('trailing', lambda m, s: main(m, s, S)), ('adm', lambda m, s: ext(m, s, 'adm', S))):
-                    cells.append(paired_cell([get(m, s) - get('control', s) for s in seeds], arm=m, S=S, grid=grid))
+                    cells.append(paired_cell([get(m, s) - get('control', s) for s in ok(m)], arm=m, S=S, grid=grid))
         out['grid'][key] = holm_fill(cells)
-        cells = [paired_cell([ext(m, s, what, S) - main(m, s, S) for s in seeds], arm=m, S=int(S), var=what[3:])
-                 for what in ('ts_sample', 'ts_batch') for S in bx[(rg, 'control', seeds[0])]['scores'].get(what, {}).get('e0', {}).get(kern, {})
-                 for m in models]
+        common = lambda what: set.intersection(*[set(bx[(rg, m, s)]['scores'].get(what, {}).get('e0', {}).get(kern, {}))  # noqa: E731
+                                                 for m in models for s in ok(m)])
+        cells = [paired_cell([ext(m, s, what, S) - main(m, s, S) for s in ok(m)], arm=m, S=int(S), var=what[3:])
+                 for what in ('ts_sample', 'ts_batch') for S in sorted(common(what), key=int) for m in models]
         out['ts'][key] = holm_fill(cells)
 
 
@@ -214,9 +214,10 @@ def e4(v):
     return 'n/a' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{1e4 * v:.2f}'
 
 
-def cell_text(c):
+def cell_text(c, n=None):
+    """paired change x 1e-4 [95 % CI], * where Holm p < 0.05, (n = k) where fewer seeds than the table's."""
     star = '*' if c['p_holm'] < 0.05 else ''
-    return f"{1e4 * c['diff']:+.2f} [{e4(c['ci'][0])}, {e4(c['ci'][1])}]{star}"
+    return f"{1e4 * c['diff']:+.2f} [{e4(c['ci'][0])}, {e4(c['ci'][1])}]{star}" + (f" (n = {c['n']})" if n and c['n'] < n else '')
 
 
 def markdown(out):
@@ -231,7 +232,7 @@ def markdown(out):
                   '| floor (value) | ' + ' | '.join(f"{e4(c['floor_mean'])} ± {e4(c['floor_std'])}" for c in first) + ' |']
         for m in tb['arms']:
             cs = {c['S']: c for c in tb['cells'] if c['arm'] == m}
-            lines.append(f'| {LABEL[m]} | ' + ' | '.join(cell_text(cs[S]) for S in Ss) + ' |')
+            lines.append(f'| {LABEL[m]} | ' + ' | '.join(cell_text(cs[S], len(tb['seeds'])) for S in Ss) + ' |')
         det = [c['min_detectable'] for c in tb['cells']]
         lines += ['', f"Smallest change this table detects (80 % power, Holm's first step): {e4(min(det))} to {e4(max(det))}; "
                   f"Holm p of every cell: results/fair_toy.json.\n"]

@@ -220,7 +220,7 @@ def test_fair_job_list_and_summary(tmp_path):
     assert all(j['deps'] == [F.base_name(j['regime'], j['seed'])] and j['steps'] == 20 for j in arms)
     assert not any(j['method'] == 'S20' and j['regime'] == 'T50' for j in arms)
     assert max(i for i, j in enumerate(arms) if j['method'] in F.GROUPS[0]) < min(i for i, j in enumerate(arms) if j['method'] in F.GROUPS[1])
-    assert [j['run'] for j in F.extra_jobs(a)] == [j['name'] for j in jobs]
+    assert [j['run'] for j in F.extra_jobs(a)] == [j['name'] for j in jobs if j['method'] in F.EXTRA_ARMS]
     assert F.ts_setting(1000, 10) == dict(window=40, cutoff=300, var='sample') and F.ts_setting(50, 50) is None
     rng = np.random.default_rng(0)
     shift = dict(control=0.0, base=0.002, lit=0.0, **{m: 0.001 for m in F.ARMS if m not in ('control', 'lit')})
@@ -237,7 +237,11 @@ def test_fair_job_list_and_summary(tmp_path):
             if m == 'base':
                 res['plateau'] = [dict(step=st, scores={f'e{st}': {k: {'20': dict(model=1.0 / st, floor=0.0)}
                                                                   for k in ('gaussian', 'laplace')}}) for st in (100, 200)]
+            if m == 'sa' and seed == 2:   # cut by the budget: the arm is reported on its 2 seeds
+                continue
             R.write_json(tmp_path / 'fair' / f"{j['name']}.json", res)
+            if m not in F.EXTRA_ARMS:
+                continue
             R.write_json(tmp_path / 'fairx' / f"fairx{j['name'][4:]}.json", dict(job=j, eval_wall_s=1.0, scores=dict(
                 adm=sc(0.003), ts_sample=sc(-0.004), ts_batch={'e0': {k: {'10': v['10']} for k, v in sc(0.0)['e0'].items()}})))
     md = F.summary(str(tmp_path / 'fair'))
@@ -250,7 +254,9 @@ def test_fair_job_list_and_summary(tmp_path):
     grid = {(c['arm'], c['S'], c['grid']): c['diff'] for c in out['grid']['T1000_laplace']}
     assert grid[('control', 10, 'adm - trailing')] == pytest.approx(0.003) and grid[('m0.2', 20, 'adm')] == pytest.approx(0.001)
     ts = {(c['arm'], c['S'], c['var']): c['diff'] for c in out['ts']['T50_laplace']}
-    assert ts[('control', 50, 'sample')] == pytest.approx(-0.004) and ts[('sa', 10, 'batch')] == pytest.approx(0.0, abs=1e-12)
+    assert ts[('control', 50, 'sample')] == pytest.approx(-0.004) and ts[('m0.2', 10, 'batch')] == pytest.approx(0.0, abs=1e-12)
+    assert not any(c['arm'] == 'sa' for c in out['ts']['T50_laplace'])   # no extras for the other arms
+    assert {c['n'] for c in tb['cells'] if c['arm'] == 'sa'} == {2} and '(n = 2)' in md
     assert out['plateau']['T50']['laplace_S20'] == {'100': [0.01, 0.0], '200': [0.005, 0.0]}
-    assert out['weights']['T1000_lit']['cos_reg'] == pytest.approx(0.01) and out['runs'] == len(jobs)
+    assert out['weights']['T1000_lit']['cos_reg'] == pytest.approx(0.01) and out['runs'] == len(jobs) - 2
     assert "ADM's grid against this project's, T = 1000" in md and 'The Time-Shift Sampler, T = 50' in md

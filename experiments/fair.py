@@ -155,7 +155,9 @@ def summary(folder=os.path.join(RES, 'fair')):
                     cos_reg=float(np.mean([x['mean_cos_reg'] for x in g])), cos_reg_std=float(np.std([x['mean_cos_reg'] for x in g], ddof=1)),
                     cos_nll=float(np.mean([x['mean_cos_nll'] for x in g])), cos_nll_std=float(np.std([x['mean_cos_nll'] for x in g], ddof=1)))
             out['cost'][f'{rg}_{m}'] = dict(train_s=float(np.mean([by[(rg, m, s)].get('train_wall_s') or np.nan for s in ss])),
-                                            eval_s=float(np.mean([by[(rg, m, s)].get('eval_wall_s') or np.nan for s in ss])))
+                                            eval_s=float(np.mean([by[(rg, m, s)].get('eval_wall_s') or np.nan for s in ss])),
+                                            steps=by[(rg, m, ss[0])]['steps'])
+            out['cost'][f'{rg}_{m}']['train_s_per_1000'] = 1000 * out['cost'][f'{rg}_{m}']['train_s'] / out['cost'][f'{rg}_{m}']['steps']
     fx = os.path.join(os.path.dirname(folder), 'fairx')
     bx = load(fx) if os.path.isdir(fx) else {}
     extra_tables(by, bx, out)
@@ -220,8 +222,39 @@ def cell_text(c, n=None):
     return f"{1e4 * c['diff']:+.2f} [{e4(c['ci'][0])}, {e4(c['ci'][1])}]{star}" + (f" (n = {c['n']})" if n and c['n'] < n else '')
 
 
+HEADLINE = (('T1000', 10), ('T1000', 20), ('T1000', 1000), ('T50', 10), ('T50', 50))   # few steps and the full chain
+
+
+def headline(out, kern='laplace'):
+    """One row per arm: its paired change against the control at the few-step and full-chain cells of
+    both regimes, with the Holm p of its (T, kernel) table, its training cost and effective weight."""
+    cols = [(rg, S) for rg, S in HEADLINE if f'{rg}_{kern}' in out['tables']]
+    if not cols:
+        return []
+    cell = {(rg, c['arm'], c['S']): c for rg, _ in cols for c in out['tables'][f'{rg}_{kern}']['cells']}
+    ctl = {(rg, c['S']): c for (rg, m, S), c in cell.items()}
+    arms = list(dict.fromkeys(m for (rg, m, S) in cell))
+    n = {rg: len(out['tables'][f'{rg}_{kern}']['seeds']) for rg, _ in cols}
+    lines = [f'**The fair test, headline** ({kern} kernel; arm - control after {out.get("ft_steps", FT_STEPS)} fine-tuning '
+             f'steps from the same converged base, paired by seed; unbiased MMD^2 x 1e-4 [95 % CI], Holm p over the '
+             'arm x S cells of its T; seeds: ' + ', '.join(f'T = {rg[1:]} {k}' for rg, k in n.items()) + ')\n',
+             '| arm | ' + ' | '.join(f'T = {rg[1:]}, S = {S}' for rg, S in cols) + ' | train s / 1000 steps (T = 1000) | grad ratio (T = 1000 / 50) |',
+             '|---|' + '---:|' * (len(cols) + 2),
+             '| control (value) | ' + ' | '.join(f"{e4(ctl[k]['control_mean'])} ± {e4(ctl[k]['control_std'])}" for k in cols) + ' | '
+             + f"{out['cost'].get('T1000_control', {}).get('train_s_per_1000', float('nan')):.0f} | "
+             + ' / '.join(f"{out['weights'].get(f'{rg}_control', {}).get('ratio_median', float('nan')):.3g}" for rg in ('T1000', 'T50')) + ' |',
+             '| floor (value) | ' + ' | '.join(f"{e4(ctl[k]['floor_mean'])} ± {e4(ctl[k]['floor_std'])}" for k in cols) + ' | | |']
+    for m in arms:
+        cs = [cell.get((rg, m, S)) for rg, S in cols]
+        txt = [f"{cell_text(c, n[rg])} p {c['p_holm']:.2g}" if c else '-' for c, (rg, S) in zip(cs, cols)]
+        w = ' / '.join(f"{out['weights'][f'{rg}_{m}']['ratio_median']:.3g}" if f'{rg}_{m}' in out['weights'] else '-'
+                       for rg in ('T1000', 'T50'))
+        lines.append(f'| {LABEL[m]} | ' + ' | '.join(txt) + f" | {out['cost'].get(f'T1000_{m}', {}).get('train_s_per_1000', float('nan')):.0f} | {w} |")
+    return lines + ['']
+
+
 def markdown(out):
-    lines = []
+    lines = headline(out)
     for key, tb in out['tables'].items():
         Ss = sorted({c['S'] for c in tb['cells']})
         first = [c for c in tb['cells'] if c['arm'] == tb['arms'][0]]

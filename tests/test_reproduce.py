@@ -232,7 +232,7 @@ def test_fair_job_list_and_summary(tmp_path):
             rg, m, T = j['regime'], j['method'], int(j['regime'][1:])
             sc = lambda extra=0.0: {'e0': {k: {str(S): dict(model=0.01 + noise[S] + shift[m] + extra, floor=1e-5 * seed)  # noqa: E731
                                                for S in F.STEPS if S <= T} for k in ('gaussian', 'laplace')}}
-            res = dict(job=j, scores=sc(), train_wall_s=1.0, eval_wall_s=2.0,
+            res = dict(job=j, scores=sc(), train_wall_s=1.0, eval_wall_s=2.0, steps=j['steps'],
                        reg_grad=dict(median_ratio=0.1, mean_cos_reg=0.01 * seed, mean_cos_nll=0.5 + 0.01 * seed))
             if m == 'base':
                 res['plateau'] = [dict(step=st, scores={f'e{st}': {k: {'20': dict(model=1.0 / st, floor=0.0)}
@@ -260,3 +260,4 @@ def test_fair_job_list_and_summary(tmp_path):
     assert out['plateau']['T50']['laplace_S20'] == {'100': [0.01, 0.0], '200': [0.005, 0.0]}
     assert out['weights']['T1000_lit']['cos_reg'] == pytest.approx(0.01) and out['runs'] == len(jobs) - 2
     assert "ADM's grid against this project's, T = 1000" in md and 'The Time-Shift Sampler, T = 50' in md
+    assert md.startswith('**The fair test, headline**') and out['cost']['T50_base']['train_s_per_1000'] == pytest.approx(5.0)

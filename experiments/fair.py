@@ -18,8 +18,11 @@ import math
 import os
 
 import numpy as np
+import torch
 
+import data as D
 import runtime as R
+from mmd import errprop_curve, mmd2, signed_sqrt
 from metrics import stats as ST
 from experiments.protocol import RES, REGIMES, STEPS, SWEEP, TOY_DTYPE, read_json
 
@@ -92,7 +95,26 @@ def extra_jobs(a):
             for j in job_list(a) if j['method'] in EXTRA_ARMS]
 
 
-def extra_scores(model, diff, seed, n, resolution_scores):
+CURVE_ARMS, CURVE_N = ('control', 'm0.2', 'released'), 2000   # Fig. 1 / Fig. 3's analogue: D_MMD(t)
+
+
+def curve_scores(model, diff, seed, n=CURVE_N):
+    """D_MMD(t) (laplace, unbiased, signed root; mmd.errprop_curve) along the ancestral chains of
+    S = 20 and S = T (every T / 20-th index) of n samples against n forward samples of fresh true
+    draws, each stream from (seed, purpose, S); and the perfect-model floor at t = 0 (the same
+    statistic between two fresh true sets), 5 draws."""
+    out = {}
+    for S, stride in ((20, None), (diff.T, max(1, diff.T // 20))):
+        x0 = D.sample_toy(DS, n, R.rng(seed, 'fair-curve-x0', S))
+        c = errprop_curve(model, diff, x0, n=n, kernels=('laplace',), estimator='u', t_stride=stride, steps=S,
+                          generator=R.rng(seed, 'fair-curve-chain', S), ref_generator=R.rng(seed, 'fair-curve-q', S))
+        out[str(S)] = dict(t=c['t'], d=c['laplace'])
+    g = R.rng(seed, 'fair-curve-floor')
+    out['floor'] = [signed_sqrt(float(mmd2(D.sample_toy(DS, n, g), D.sample_toy(DS, n, g), 'laplace', 'u'))) for _ in range(5)]
+    return out
+
+
+def extra_scores(model, diff, seed, n, resolution_scores, curves=False):
     """ADM's grid at GRID_STEPS and the Time-Shift Sampler (per-sample variance, the paper's; at S <= 20
     also the batch variance) at S <= 50 (at S = 100 the paper's window, 2, leaves t_s within one
     index of t), each on the same streams as the run's own scores."""
@@ -103,6 +125,9 @@ def extra_scores(model, diff, seed, n, resolution_scores):
             for e, d in sc.items():
                 for kern, v in d.items():
                     out.setdefault(f'ts_{var}', {}).setdefault(e, {}).setdefault(kern, {}).update(v)
+    if curves:
+        with torch.inference_mode():
+            out['curves'] = curve_scores(model, diff, seed)
     return out
 
 

@@ -175,7 +175,8 @@ def job_fair_extra(a, job):
     model, diff, cfg = R.load_checkpoint(os.path.join(OUT, job['run']), 'cpu', ema=True, dtype='fp32')
     t0 = time.time()
     res = dict(job={k: v for k, v in job.items() if k != 'deps'}, n=a.resolution_n,
-               scores=F.extra_scores(model, diff, job['seed'], a.resolution_n, P.resolution_scores))
+               scores=F.extra_scores(model, diff, job['seed'], a.resolution_n, P.resolution_scores,
+                                     curves=job['method'] in F.CURVE_ARMS))
     res['eval_wall_s'] = time.time() - t0
     R.write_json(result_path(job['name']), res)
 

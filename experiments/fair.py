@@ -235,6 +235,15 @@ def extra_tables(by, bx, out):
         cells = [paired_cell([ext(m, s, what, S) - main(m, s, S) for s in ok(m)], arm=m, S=int(S), var=what[3:])
                  for what in ('ts_sample', 'ts_batch') for S in sorted(common(what), key=int) for m in models]
         out['ts'][key] = holm_fill(cells)
+        cv = [m for m in models if all('curves' in bx[(rg, m, s)]['scores'] for s in ok(m))]
+        if kern == 'laplace' and 'control' in cv:   # D_MMD(t): mean curve per model, D(0) paired with the control
+            cur = {m: {S: dict(t=bx[(rg, m, ok(m)[0])]['scores']['curves'][S]['t'],
+                               mean=np.mean([bx[(rg, m, s)]['scores']['curves'][S]['d'] for s in ok(m)], 0).tolist())
+                       for S in bx[(rg, m, ok(m)[0])]['scores']['curves'] if S != 'floor'} for m in cv}
+            fl = [v for s in ok('control') for v in bx[(rg, 'control', s)]['scores']['curves']['floor']]
+            d0 = lambda m, s, S: bx[(rg, m, s)]['scores']['curves'][S]['d'][-1]  # noqa: E731
+            out.setdefault('curves', {})[rg] = dict(models=cur, floor=[float(np.mean(fl)), float(np.std(fl, ddof=1))], d0=holm_fill(
+                [paired_cell([d0(m, s, S) - d0('control', s, S) for s in ok(m)], arm=m, S=int(S)) for S in cur['control'] for m in cv[1:]]))
 
 
 def e4(v):
@@ -319,6 +328,16 @@ def markdown(out):
             cs = {(c['S'], c['var']): c for c in cells if c['arm'] == m}
             lines.append(f'| {LABEL[m]} | ' + ' | '.join(cell_text(cs[k]) for k in cols) + ' |')
         lines.append('')
+    for rg, c in out.get('curves', {}).items():
+        lines += [f"**D_MMD(t = 0) after fine-tuning, T = {rg[1:]}** (laplace, unbiased, signed root, N = M = {CURVE_N}; "
+                  f"arm - control, paired by seed; perfect-model floor {c['floor'][0]:+.4f} ± {c['floor'][1]:.4f}; * Holm p < 0.05)\n",
+                  '| arm | ' + ' | '.join(f'S = {S}' for S in c['models']['control']) + ' |', '|---|' + '---:|' * len(c['models']['control']),
+                  '| control (value) | ' + ' | '.join(f"{v['mean'][-1]:+.4f}" for v in c['models']['control'].values()) + ' |']
+        for m in list(c['models'])[1:]:
+            cs = {str(x['S']): x for x in c['d0'] if x['arm'] == m}
+            lines.append(f'| {LABEL[m]} | ' + ' | '.join(f"{cs[S]['diff']:+.4f} [{cs[S]['ci'][0]:+.4f}, {cs[S]['ci'][1]:+.4f}]"
+                                                         + ('*' if cs[S]['p_holm'] < 0.05 else '') for S in c['models']['control']) + ' |')
+        lines.append('')
     if out['weights']:
         lines += ["**The regulariser's effective weight and signal** (bench --what reg-grad, 40 batches, mean over seeds): "
                   "|grad of the weighted regulariser| / |grad of the weighted eps-MSE| (median over batches), and the cosine "
@@ -376,5 +395,30 @@ def plot(out, path):
         ax.set_title(f"T = {rg[1:]}: paired change after {FT_STEPS} fine-tuning steps, 95 % CI "
                      f"({len(tb['seeds'])} seeds; < 0 = better)", fontsize=9)
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    R.save_figure(fig, path)
+    if out.get('curves'):
+        plot_curves(out['curves'], path.replace('fair_toy.png', 'fair_curves.png'))
+
+
+def plot_curves(curves, path):
+    """Fig. 1 / Fig. 3's analogue: D_MMD(t) of the control and the regulariser arms (mean over seeds)
+    along S = 20 and S = T, with the perfect-model floor at t = 0 as a band (mean ± 2 std)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    panels = [(rg, S) for rg, c in curves.items() for S in c['models']['control']]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (rg, S) in zip(axes[0], panels):
+        c = curves[rg]
+        for m, cur in c['models'].items():
+            ax.plot(cur[S]['t'], cur[S]['mean'], '-' if m == 'control' else '--', label=LABEL[m])
+        lo, hi = c['floor'][0] - 2 * c['floor'][1], c['floor'][0] + 2 * c['floor'][1]
+        ax.axhspan(lo, hi, color='grey', alpha=0.25, label='perfect-model floor at t = 0')
+        ax.invert_xaxis()
+        ax.set_xlabel('chain index t (sampling runs right)')
+        ax.set_ylabel('D_MMD(t), laplace')
+        ax.set_title(f'T = {rg[1:]}, S = {S}', fontsize=9)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     R.save_figure(fig, path)

@@ -243,7 +243,9 @@ def test_fair_job_list_and_summary(tmp_path):
             if m not in F.EXTRA_ARMS:
                 continue
             R.write_json(tmp_path / 'fairx' / f"fairx{j['name'][4:]}.json", dict(job=j, eval_wall_s=1.0, scores=dict(
-                adm=sc(0.003), ts_sample=sc(-0.004), ts_batch={'e0': {k: {'10': v['10']} for k, v in sc(0.0)['e0'].items()}})))
+                adm=sc(0.003), ts_sample=sc(-0.004), ts_batch={'e0': {k: {'10': v['10']} for k, v in sc(0.0)['e0'].items()}},
+                **({'curves': {'20': dict(t=[T, 0], d=[0.01, 0.05 + shift[m] + 1e-3 * seed]), 'floor': [0.001, -0.001]}}
+                   if m in F.CURVE_ARMS else {}))))
     md = F.summary(str(tmp_path / 'fair'))
     out = json.load(open(tmp_path / 'fair_toy.json'))
     tb = out['tables']['T1000_laplace']
@@ -260,4 +262,7 @@ def test_fair_job_list_and_summary(tmp_path):
     assert out['plateau']['T50']['laplace_S20'] == {'100': [0.01, 0.0], '200': [0.005, 0.0]}
     assert out['weights']['T1000_lit']['cos_reg'] == pytest.approx(0.01) and out['runs'] == len(jobs) - 2
     assert "ADM's grid against this project's, T = 1000" in md and 'The Time-Shift Sampler, T = 50' in md
+    d0 = {(c['arm'], c['S']): c['diff'] for c in out['curves']['T50']['d0']}
+    assert d0 == {('m0.2', 20): pytest.approx(0.001), ('released', 20): pytest.approx(0.001)} and (tmp_path / 'fair_curves.png').is_file()
+    assert out['curves']['T50']['floor'][0] == pytest.approx(0.0) and 'D_MMD(t = 0) after fine-tuning, T = 50' in md
     assert md.startswith('**The fair test, headline**') and out['cost']['T50_base']['train_s_per_1000'] == pytest.approx(5.0)

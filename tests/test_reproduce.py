@@ -158,7 +158,7 @@ def test_resolution_scores_and_summary(tmp_path, monkeypatch):
 def test_results_md_checks_itself(tmp_path):
     """reproduce --check: RESULTS.md on main agrees with results/; on a fixture, a changed number in
     a copied table, a resolution row, a missing file and a run newer than the report all fail."""
-    from experiments import reproduce as RP
+    from experiments import check as RP
     assert RP.check_results() == []
     res = tmp_path / 'results'
     (res / 'steps').mkdir(parents=True)
@@ -186,7 +186,7 @@ def test_results_md_checks_itself(tmp_path):
 def test_results_md_claims_and_fair_tables_check_and_sync(tmp_path):
     """A claim marker must equal its JSON value at the printed precision; a table copied from
     fair_toy.md must equal it; --sync-tables rewrites copied tables (and only them) from the reports."""
-    from experiments import reproduce as RP
+    from experiments import check as RP
     res = tmp_path / 'results'
     res.mkdir()
     R.write_json(res / 'fair_toy.json', dict(tables=dict(T50_laplace=dict(cells=[dict(arm='lit', S=10, diff=2.7359e-4),

@@ -95,7 +95,7 @@ def extra_jobs(a):
             for j in job_list(a) if j['method'] in EXTRA_ARMS]
 
 
-CURVE_ARMS, CURVE_N = ('control', 'm0.2', 'released'), 2000   # Fig. 1 / Fig. 3's analogue: D_MMD(t)
+CURVE_ARMS, CURVE_N = ('control', 'm0.2'), 2000   # Fig. 1 / Fig. 3's analogue: D_MMD(t)
 
 
 def curve_scores(model, diff, seed, n=CURVE_N):

@@ -85,10 +85,10 @@ def bold_tables(md):
 
 def claim_value(path, key):
     """The number at `key` in JSON file `path`: dotted names, a list element picked by its fields
-    (cells[arm=m0.2,S=10]); None where there is none."""
+    (cells[arm=m0.2,S=10]); None where there is none. A dot between two digits belongs to the name."""
     try:
         node = read_json(path)
-        for part in key.split('.'):
+        for part in re.split(r'(?<!\d)\.|\.(?!\d)', key):   # a dot between two digits (m0.2) is part of a name
             name, _, sel = part.partition('[')
             node = node[name] if name else node
             if sel:

@@ -396,18 +396,22 @@ def dtype_summary(family='dtype'):
     """results/{family}_toy.json (and _mnist.json): per data set and regime (sweep: and arm), the
     bf16 runs (--dtype-check) or the strength sweep's arms (--sweep) against the vanilla fp32 runs
     of the same seed (MNIST's protocol runs are the bf16 ones, their fp32 twins the new runs), as
-    difference bf16 - fp32 (sweep: arm - vanilla): per reported metric the largest |mean paired difference| over its
+    difference bf16 - fp32 (sweep: arm - vanilla; and m0.2 - results/steps' reg, the second batch against the
+    batch halves, key *_m0.2_vs_halves): per reported metric the largest |mean paired difference| over its
     cells, the fp32 seed std there, how many cells' 95 % paired t interval excludes 0, and how many
     stay at Holm-adjusted p < 0.05 over that metric's cells (metrics/stats.py)."""
     from metrics import stats as ST
     out = {}
     for f in sorted(os.listdir(os.path.join(RES, family))):
         r = read_json(os.path.join(RES, family, f))
-        pair = result_path(r['job']['pair'])
-        if os.path.isfile(pair):
-            key = f"{r['job']['dataset']}_{r['job']['regime']}" + ('' if family == 'dtype' else f"_{r['job']['method']}")
-            new, ref = flat_metrics(r), flat_metrics(read_json(pair))
-            out.setdefault(key, []).append((ref, new) if r['job'].get('reference_is_bf16') else (new, ref))
+        j, pairs = r['job'], [('', r['job']['pair'])]
+        if family == 'sweep' and j['method'] == 'm0.2':   # Algorithm 1's second batch against results/steps' halves
+            pairs.append(('_vs_halves', f"steps_{j['dataset']}_{j['regime']}_reg_s{j['seed']}"))
+        for suffix, name in pairs:
+            if os.path.isfile(result_path(name)):
+                key = f"{j['dataset']}_{j['regime']}" + ('' if family == 'dtype' else f"_{j['method']}") + suffix
+                new, ref = flat_metrics(r), flat_metrics(read_json(result_path(name)))
+                out.setdefault(key, []).append((ref, new) if j.get('reference_is_bf16') else (new, ref))
     summary = {}
     for key, pairs in out.items():
         groups, tests = {}, {}

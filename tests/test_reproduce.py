@@ -202,6 +202,9 @@ def test_results_md_claims_and_fair_tables_check_and_sync(tmp_path):
         md.write_text(broken)
         bad = RP.check_results(str(md), str(res))
         assert len(bad) == 1 and why in bad[0], bad
+    assert RP.claim_value(str(res / 'fair_toy.json'), 'tables.T50_laplace.cells[arm=m0.2,S=10].diff') == pytest.approx(-1e-5)
+    R.write_json(res / 'x.json', {'a_m0.2_b': {'10': dict(v=3.5)}})
+    assert RP.claim_value(str(res / 'x.json'), 'a_m0.2_b.10.v') == 3.5
     assert RP.sync_tables(str(md), str(res)) == ['T = 50, laplace kernel']
     assert md.read_text() == good and RP.check_results(str(md), str(res)) == []   # the +2.70 table restored
 

@@ -1,18 +1,16 @@
-"""Issue 28: the paper's claim given a fair chance, on 8gaussians. Vanilla models are trained until
-their metric plateaus (BASE_STEPS; the curve is scored on the way), then each is fine-tuned for
-the same number of steps (FT_STEPS) in every arm: the control (vanilla continued), the regulariser
-at the sweep's strengths (Algorithm 1's literal weight up to the released code's), without warm
-start, on the 20-step chain, ADM-IP and SA-DPM. Every model is scored by the metric with
-resolution (protocol.resolution_scores: the unbiased MMD^2 of n = 5000 ancestral samples against
-5000 fresh true draws, gaussian and laplace kernels, the perfect-model floor beside it), and every
-arm's regulariser is measured (bench --what reg-grad: its gradient's size against the eps-MSE's,
-the effective weight, and the cosine of its gradients on two independent batches, its
-signal-to-noise). Arms are paired by seed with the control; Holm over each (T, kernel) table.
+"""Issue 28: the paper's claim given a fair chance, on 8gaussians. Vanilla bases are trained until
+their metric plateaus (BASE_STEPS, scored on the way), then fine-tuned for FT_STEPS in every arm:
+the control (vanilla continued), the regulariser from Algorithm 1's literal weight up to the
+released code's, without warm start, on the 20-step chain, ADM-IP and SA-DPM. Every model is scored
+by the metric with resolution (protocol.resolution_scores) and measured by bench --what reg-grad
+(the regulariser's effective weight, and the cosine of its gradients on two independent batches:
+its signal-to-noise). Arms are paired by seed with the control; Holm over each (T, kernel) table.
+`--extra` adds ADM's grid, the Time-Shift Sampler and D_MMD(t) curves on the main arms.
 
-    python -m experiments.reproduce --fair            # resumable, 2 processes; then the report
-    python -m experiments.reproduce --fair --report   # only the report: results/fair_toy.{md,json,png}
+    python -m experiments.reproduce --fair [--extra]  # resumable, 2 processes; then the report
+    python -m experiments.reproduce --fair --report   # only the report: results/fair_toy.md/.json/.png
 
-This module holds the job list and the report; experiments/reproduce.py runs the jobs.
+This module holds the job list, the extra scores and the report; experiments/reproduce.py runs the jobs.
 """
 import math
 import os
@@ -132,9 +130,9 @@ def extra_scores(model, diff, seed, n, resolution_scores, curves=False):
 
 
 # ---- the report -----------------------------------------------------------------------------------
-def load(folder):
-    runs = [read_json(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if f.endswith('.json')]
-    return {(r['job']['regime'], r['job']['method'], r['job']['seed']): r for r in runs}
+def load(folder):   # {(regime, arm, seed): run JSON}
+    return {(r['job']['regime'], r['job']['method'], r['job']['seed']): r for r in
+            (read_json(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if f.endswith('.json'))}
 
 
 def summary(folder=os.path.join(RES, 'fair')):
@@ -399,6 +397,34 @@ def plot(out, path):
     R.save_figure(fig, path)
     if out.get('curves'):
         plot_curves(out['curves'], path.replace('fair_toy.png', 'fair_curves.png'))
+    if out['weights']:
+        plot_snr(out, path.replace('fair_toy.png', 'fair_snr.png'))
+
+
+def plot_snr(out, path):
+    """The gradients' signal-to-noise over training (cosine of two independent batches' gradients at the
+    same weights): vanilla seed 0 at 500 / 2000 / 8000 steps (results/reg_snr.json, ± s.e.), then the
+    converged bases (20 k, mean ± std over seeds) and each fine-tuned regulariser arm (+1 k)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    snr = os.path.join(os.path.dirname(path), 'reg_snr.json')
+    early = read_json(snr)['runs'] if os.path.isfile(snr) else {}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, rg in zip(axes, REGIMES):
+        for what, mk in (('nll', 'o'), ('reg', 's')):
+            e = early.get(f'{rg}_vanilla', {})
+            st = sorted(e, key=int)
+            ax.errorbar([int(k) for k in st], [e[k][f'cos_{what}'] for k in st], [e[k][f'se_{what}'] for k in st], fmt=mk + '-',
+                        capsize=3, label=f"{'eps-MSE' if what == 'nll' else 'regulariser'}: vanilla seed 0 (± s.e.), then the bases")
+            for i, m in enumerate(m for m in ['base'] + list(ARMS) if f'{rg}_{m}' in out['weights'] and m != 'control'):
+                w, x = out['weights'][f'{rg}_{m}'], BASE_STEPS + (0 if m == 'base' else FT_STEPS * (1 + 0.15 * i))
+                ax.errorbar([x], [w[f'cos_{what}']], [w[f'cos_{what}_std']], fmt=mk, color='C0' if what == 'nll' else 'C1', capsize=2)
+        ax.axhline(0, color='k', lw=0.8), ax.set_xscale('log'), ax.legend(fontsize=6)
+        ax.set(xlabel='training steps (right of 20 k: the bases and the fine-tuned arms)', ylabel="cosine of two batches' gradients")
+        ax.set_title(f'T = {rg[1:]}: gradient signal-to-noise', fontsize=9)
+    fig.tight_layout()
+    R.save_figure(fig, path)
 
 
 def plot_curves(curves, path):

@@ -266,6 +266,6 @@ def test_fair_job_list_and_summary(tmp_path):
     assert out['weights']['T1000_lit']['cos_reg'] == pytest.approx(0.01) and out['runs'] == len(jobs) - 2
     assert "ADM's grid against this project's, T = 1000" in md and 'The Time-Shift Sampler, T = 50' in md
     d0 = {(c['arm'], c['S']): c['diff'] for c in out['curves']['T50']['d0']}
-    assert d0 == {('m0.2', 20): pytest.approx(0.001)} and (tmp_path / 'fair_curves.png').is_file()
+    assert d0 == {('m0.2', 20): pytest.approx(0.001)} and (tmp_path / 'fair_curves.png').is_file() and (tmp_path / 'fair_snr.png').is_file()
     assert out['curves']['T50']['floor'][0] == pytest.approx(0.0) and 'D_MMD(t = 0) after fine-tuning, T = 50' in md
     assert md.startswith('**The fair test, headline**') and out['cost']['T50_base']['train_s_per_1000'] == pytest.approx(5.0)

@@ -254,7 +254,7 @@ def cell_text(c, n=None):
     return f"{1e4 * c['diff']:+.2f} [{e4(c['ci'][0])}, {e4(c['ci'][1])}]{star}" + (f" (n = {c['n']})" if n and c['n'] < n else '')
 
 
-HEADLINE = (('T1000', 10), ('T1000', 20), ('T1000', 1000), ('T50', 10), ('T50', 50))   # few steps and the full chain
+HEADLINE = (('T1000', 10), ('T1000', 20), ('T1000', 1000), ('T50', 10), ('T50', 20), ('T50', 50))   # few steps, full chain
 
 
 def headline(out, kern='laplace'):

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import data as D
 import runtime as R
 from model import build_model, cpu_has_native_bf16, resolve_dtype, set_dropout_shard
-from trainstep import compute_loss, local_batch, optimizer_step, reg_batch_size, set_lr, training_set
+from trainstep import compute_loss, local_batch, make_adam, optimizer_step, reg_batch_size, set_lr, training_set
 
 
 # ---- set-up: a new run or a resumed one; nothing is written until every check has passed -------
@@ -70,7 +70,7 @@ def build_state(cfg, shape, device, ck):
         raw.load_state_dict(src.state_dict())
     raw.to(device, memory_format=torch.channels_last if cfg.get('channels_last') else torch.preserve_format)
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
-    opt = torch.optim.Adam(raw.parameters(), lr=cfg['lr'])
+    opt = make_adam(raw.parameters(), cfg['lr'])
     if ck is None:
         return raw, ema, opt, 0
     raw.load_state_dict(ck['model'])

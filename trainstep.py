@@ -146,6 +146,18 @@ def compute_loss(model, diff, x0, cfg, step, rank=0, world=1, fixed_k=None, x_re
     return loss, stats
 
 
+def make_adam(params, lr):
+    """Adam with torch's fused kernel where this torch has it for the device (CPU since 2.4: one pass
+    over the weights instead of foreach's several, 0.12 -> 0.04 s per step of the cifar10 net on one
+    core), the foreach one elsewhere. The two agree to float rounding, not to the bit; a checkpoint
+    restores the implementation it was saved with (its param_groups carry the flag)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr)
+
+
 def optimizer_step(loss, raw, opt, ema, cfg):
     """Backward, gradient clipping, Adam, then the EMA of the weights; returns the grad norm."""
     opt.zero_grad(set_to_none=True)

@@ -9,6 +9,8 @@ the regulariser's gradient against the eps-MSE gradient on a trained model.
     python -m experiments.bench --what compare --compare 06936f2 --model cifar10 --batch-size 8 --reps 5
     python -m experiments.bench --what eval --ckpt out/8gaussians --reps 1 --json results/bench_eval.json
     python -m experiments.bench --what es-search                  # the ES search replayed on results/steps
+    python -m experiments.bench --what kernels --threads 1         # matmul / conv TFLOP/s: the ceiling, per dtype
+    python -m experiments.bench --what profile --model cifar10 --batch-size 8 --threads 1   # self time per op
 
 Every timing runs train.py's own step (trainstep.local_batch, trainstep.compute_loss, then
 trainstep.optimizer_step: backward, clip, Adam, EMA), the module train.py runs it from.
@@ -37,8 +39,9 @@ import torch
 import runtime as R
 import trainstep
 from diffusion import Diffusion
-from experiments.benchlib import (count_flops, device_peak, image_config, import_tree, make_step,
-                                  mem_peak_mb, mem_start, proc_field, random_images, sync, time_variants)
+from experiments.benchlib import (count_flops, device_peak, image_config, import_tree, kernel_rates, make_step,
+                                  mem_peak_mb, mem_start, proc_field, random_images, step_profile, sync,
+                                  time_variants)
 from mmd import chunked, mmd2
 from model import build_model, resolve_dtype
 
@@ -304,8 +307,9 @@ def show(title, rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--what', default='all', choices=('train', 'reg', 'errprop', 'methods', 'reg-grad', 'compare', 'eval', 'es-search', 'all'),
-                   help='all = train, reg and errprop')
+    p.add_argument('--what', default='all', choices=('train', 'reg', 'errprop', 'methods', 'reg-grad', 'compare', 'eval', 'es-search', 'kernels', 'profile', 'all'),
+                   help='all = train, reg and errprop; kernels: matmul and conv TFLOP/s per dtype and layout; profile: '
+                   'one training step\'s self time per operator, per --dtype')
     p.add_argument('--model', nargs='+', help='train: these configs (default small cifar10); '
                    'reg, errprop: the first one (default small on CPU, cifar10 on GPU)')
     p.add_argument('--batch-size', type=int, help='default 128 on GPU; CPU: 16 (small), 4 (others)')
@@ -416,6 +420,13 @@ def main(argv=None):
             for v in ('fast_fp32', 'fast_default'):
                 show(f"{v}: largest |difference to grid_fp32| per metric, beside the seed spread ({r['seed_spread_from']})",
                      [dict(metric=k, **g) for k, g in r[v]['metrics'].items()])
+    if a.what == 'kernels':
+        show('kernels: TFLOP/s of one process (median of 5 calls)', out.setdefault('kernels', kernel_rates(dev, a.batch_size or 8)))
+    if a.what == 'profile':   # where the step's time goes, per operator, for each --dtype
+        cfg = image_config(a, (a.model or ['cifar10'])[0])
+        for dtype in a.dtype:
+            out[f'profile_{dtype}'] = step_profile(make_step(cfg, random_images(4 * cfg['batch_size'], dev), dev, dtype, False)[0])
+            show(f"profile of one {cfg['model']} step, batch {cfg['batch_size']}, {dtype}: self time per operator", out[f'profile_{dtype}'])
     if a.what == 'es-search':
         r = out['es_search'] = bench_es_search()
         print(f"es_search on {r['grids']} grids of results/steps: the grid's pick in {r['same_pick']}, "

@@ -116,7 +116,8 @@ def make_step(cfg, data, dev, dtype, compile_, mods=None, state=None):
         raw.load_state_dict(state)
     raw.to(dev, memory_format=torch.channels_last if cfg.get('channels_last') else torch.preserve_format)
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
-    opt = torch.optim.Adam(raw.parameters(), lr=cfg['lr'])
+    opt = (T.make_adam(raw.parameters(), cfg['lr']) if hasattr(T, 'make_adam')
+           else torch.optim.Adam(raw.parameters(), lr=cfg['lr']))
     model = torch.compile(raw) if compile_ else raw
     diff = (Rm.make_diffusion(cfg, dev) if hasattr(Rm, 'make_diffusion') else
             mods['diffusion'].Diffusion(cfg['T'], cfg['beta_1'], cfg['beta_T'], cfg['sigma'], dev))
@@ -175,6 +176,47 @@ def time_variants(step, variants, a, dev):
 
 PROJECT = ('model', 'diffusion', 'mmd', 'data', 'train', 'trainstep', 'runtime', 'quant', 'fid',
            'neighbours', 'neighbours.quant', 'metrics', 'metrics.fid')   # flat trees, then folders
+
+
+def kernel_rates(dev, batch=8, reps=5):
+    """What the device's units give one process: a 2048^2 matrix product and the cifar10 net's 3x3
+    convolutions (batch `batch`; forward, and forward + both backward products) in fp32 and bf16,
+    NCHW and channels_last; TFLOP/s of the median of `reps` calls. The ceiling a training step can
+    approach where convolutions dominate it."""
+    def rate(flop, f):
+        f()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter(); f(); sync(dev); ts.append(time.perf_counter() - t0)
+        return flop / statistics.median(ts) / 1e12
+    rows = []
+    for dt in (torch.float32, torch.bfloat16):
+        a, b = (torch.randn(2048, 2048, dtype=dt, device=dev) for _ in range(2))
+        rows.append(dict(op='matmul 2048^2', dtype=str(dt)[6:], layout='-', fwd_tflop_s=rate(2 * 2048 ** 3, lambda: a @ b), fwdbwd_tflop_s=None))
+        for C, H in ((128, 32), (256, 16), (256, 8)):
+            for cl in (False, True):
+                fmt = torch.channels_last if cl else torch.contiguous_format
+                x = torch.randn(batch, C, H, H, dtype=dt, device=dev).contiguous(memory_format=fmt).requires_grad_()
+                w = torch.randn(C, C, 3, 3, dtype=dt, device=dev).contiguous(memory_format=fmt).requires_grad_()
+                g = torch.randn_like(x)
+                flop = 2 * batch * C * C * 9 * H * H
+                with torch.no_grad():
+                    fwd = rate(flop, lambda: torch.nn.functional.conv2d(x, w, padding=1))
+                both = rate(3 * flop, lambda: torch.autograd.grad(torch.nn.functional.conv2d(x, w, padding=1), (x, w), g))
+                rows.append(dict(op=f'conv3x3 {C}ch {H}^2 b{batch}', dtype=str(dt)[6:], layout='CL' if cl else 'NCHW',
+                                 fwd_tflop_s=fwd, fwdbwd_tflop_s=both))
+    return rows
+
+
+def step_profile(step, top=12):
+    """Self time per operator of one training step (torch.profiler), largest first: [(op, ms, share)]."""
+    step(0)
+    with torch.profiler.profile() as prof:
+        step(1)
+    ev = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ev)
+    return [dict(op=e.key[:48], calls=e.count, ms=e.self_cpu_time_total / 1e3, share=e.self_cpu_time_total / total)
+            for e in ev[:top]]
 
 
 def import_tree(ref, folder):

@@ -70,3 +70,16 @@ def test_reg_grad_reports_ratio_and_independent_batch_cosines(tmp_path):
     assert len(g['rows']) == 4 and g['pairs'] == 2 and all(math.isfinite(x['ratio']) and x['ratio'] > 0 for x in g['rows'])
     cos = [x[k] for x in g['rows'] for k in ('cos_nll', 'cos_reg') if k in x]
     assert len(cos) == 4 and all(-1 <= c < 0.9999 for c in cos)
+
+
+def test_profile_lists_the_step_s_operators_by_self_time(tmp_path):
+    out = tmp_path / 'prof.json'
+    cmd = [sys.executable, '-m', 'experiments.bench', '--what', 'profile', '--model', 'tiny', '--batch-size', '4',
+           '--dtype', 'fp32', '--threads', '1', '--json', str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())['profile_fp32']
+    ops = [row['op'] for row in rows]
+    assert any('convolution' in op for op in ops)   # a U-Net step is convolutions first
+    ms = [row['ms'] for row in rows]
+    assert ms == sorted(ms, reverse=True) and 0 < sum(row['share'] for row in rows) <= 1 + 1e-9

@@ -11,6 +11,7 @@ the regulariser's gradient against the eps-MSE gradient on a trained model.
     python -m experiments.bench --what es-search                  # the ES search replayed on results/steps
     python -m experiments.bench --what kernels --threads 1         # matmul / conv TFLOP/s: the ceiling, per dtype
     python -m experiments.bench --what profile --model cifar10 --batch-size 8 --threads 1   # self time per op
+    python -m experiments.bench --what sample-batch --threads 1   # inference rows/s by batch: the batch to use
 
 Every timing runs train.py's own step (trainstep.local_batch, trainstep.compute_loss, then
 trainstep.optimizer_step: backward, clip, Adam, EMA), the module train.py runs it from.
@@ -40,8 +41,8 @@ import runtime as R
 import trainstep
 from diffusion import Diffusion
 from experiments.benchlib import (count_flops, device_peak, image_config, import_tree, kernel_rates, make_step,
-                                  mem_peak_mb, mem_start, proc_field, random_images, step_profile, sync,
-                                  time_variants)
+                                  mem_peak_mb, mem_start, proc_field, random_images, sample_batch_rates,
+                                  step_profile, sync, time_variants)
 from mmd import chunked, mmd2
 from model import build_model, resolve_dtype
 
@@ -307,9 +308,9 @@ def show(title, rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--what', default='all', choices=('train', 'reg', 'errprop', 'methods', 'reg-grad', 'compare', 'eval', 'es-search', 'kernels', 'profile', 'all'),
+    p.add_argument('--what', default='all', choices=('train', 'reg', 'errprop', 'methods', 'reg-grad', 'compare', 'eval', 'es-search', 'kernels', 'profile', 'sample-batch', 'all'),
                    help='all = train, reg and errprop; kernels: matmul and conv TFLOP/s per dtype and layout; profile: '
-                   'one training step\'s self time per operator, per --dtype')
+                   'one training step\'s self time per operator, per --dtype; sample-batch: inference rows/s by batch')
     p.add_argument('--model', nargs='+', help='train: these configs (default small cifar10); '
                    'reg, errprop: the first one (default small on CPU, cifar10 on GPU)')
     p.add_argument('--batch-size', type=int, help='default 128 on GPU; CPU: 16 (small), 4 (others)')
@@ -422,6 +423,8 @@ def main(argv=None):
                      [dict(metric=k, **g) for k, g in r[v]['metrics'].items()])
     if a.what == 'kernels':
         show('kernels: TFLOP/s of one process (median of 5 calls)', out.setdefault('kernels', kernel_rates(dev, a.batch_size or 8)))
+    if a.what == 'sample-batch':
+        show('sample-batch: one chain step of inference (Diffusion.eps), chain rows/s', out.setdefault('sample_batch', sample_batch_rates(dev, a.dtype)))
     if a.what == 'profile':   # where the step's time goes, per operator, for each --dtype
         cfg = image_config(a, (a.model or ['cifar10'])[0])
         for dtype in a.dtype:

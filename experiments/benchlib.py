@@ -208,6 +208,34 @@ def kernel_rates(dev, batch=8, reps=5):
     return rows
 
 
+SAMPLE_NETS = (('mlp', (2,), (256, 1024, 4096, 16384)), ('tiny', (1, 14, 14), (16, 64, 256, 1024)),
+               ('cifar10', (3, 32, 32), (4, 16, 64)))   # the toy MLP, the protocol's MNIST net, the cifar10 net
+
+
+def sample_batch_rates(dev, dtypes, reps=3):
+    """Inference of one chain step (Diffusion.eps under inference_mode, as every sampler calls it) per
+    network, dtype and batch: chain rows per second (median of `reps`) and peak memory; where the
+    throughput plateaus is the sample batch worth using on this device."""
+    from diffusion import Diffusion
+    rows = []
+    for name, shape, batches in SAMPLE_NETS:
+        torch.manual_seed(0)
+        net = build_model(name, shape).to(dev).eval()
+        for dtype in dtypes:
+            diff = Diffusion(T=1000, device=dev, net_dtype=dtype)
+            for b in batches:
+                x = torch.randn(b, *shape, device=dev)
+                m0 = mem_start(dev)
+                with torch.inference_mode():
+                    diff.eps(net, x, 500)
+                    ts = []
+                    for _ in range(reps):
+                        t0 = time.perf_counter(); diff.eps(net, x, 500); sync(dev); ts.append(time.perf_counter() - t0)
+                rows.append(dict(model=name, dtype=dtype, batch=b, rows_per_s=b / statistics.median(ts),
+                                 peak_mem_MB=mem_peak_mb(dev, m0)))
+    return rows
+
+
 def step_profile(step, top=12):
     """Self time per operator of one training step (torch.profiler), largest first: [(op, ms, share)]."""
     step(0)

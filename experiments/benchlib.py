@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import runtime as R
 import trainstep
+from diffusion import Diffusion
 from model import build_model
 
 try:   # hand freed heap back to the OS, so that RSS growth belongs to the next measurement
@@ -178,17 +179,22 @@ PROJECT = ('model', 'diffusion', 'mmd', 'data', 'train', 'trainstep', 'runtime',
            'neighbours', 'neighbours.quant', 'metrics', 'metrics.fid')   # flat trees, then folders
 
 
+def median_time(f, dev, reps):
+    """Median wall time of `reps` calls of f, after one untimed call."""
+    f()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter(); f(); sync(dev); ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
 def kernel_rates(dev, batch=8, reps=5):
     """What the device's units give one process: a 2048^2 matrix product and the cifar10 net's 3x3
     convolutions (batch `batch`; forward, and forward + both backward products) in fp32 and bf16,
     NCHW and channels_last; TFLOP/s of the median of `reps` calls. The ceiling a training step can
     approach where convolutions dominate it."""
     def rate(flop, f):
-        f()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter(); f(); sync(dev); ts.append(time.perf_counter() - t0)
-        return flop / statistics.median(ts) / 1e12
+        return flop / median_time(f, dev, reps) / 1e12
     rows = []
     for dt in (torch.float32, torch.bfloat16):
         a, b = (torch.randn(2048, 2048, dtype=dt, device=dev) for _ in range(2))
@@ -216,7 +222,6 @@ def sample_batch_rates(dev, dtypes, reps=3):
     """Inference of one chain step (Diffusion.eps under inference_mode, as every sampler calls it) per
     network, dtype and batch: chain rows per second (median of `reps`) and peak memory; where the
     throughput plateaus is the sample batch worth using on this device."""
-    from diffusion import Diffusion
     rows = []
     for name, shape, batches in SAMPLE_NETS:
         torch.manual_seed(0)
@@ -227,11 +232,8 @@ def sample_batch_rates(dev, dtypes, reps=3):
                 x = torch.randn(b, *shape, device=dev)
                 m0 = mem_start(dev)
                 with torch.inference_mode():
-                    diff.eps(net, x, 500)
-                    ts = []
-                    for _ in range(reps):
-                        t0 = time.perf_counter(); diff.eps(net, x, 500); sync(dev); ts.append(time.perf_counter() - t0)
-                rows.append(dict(model=name, dtype=dtype, batch=b, rows_per_s=b / statistics.median(ts),
+                    s = median_time(lambda: diff.eps(net, x, 500), dev, reps)
+                rows.append(dict(model=name, dtype=dtype, batch=b, rows_per_s=b / s,
                                  peak_mem_MB=mem_peak_mb(dev, m0)))
     return rows
 

@@ -509,4 +509,7 @@ def test_make_adam_agrees_with_torch_s_foreach_adam():
     assert (a.weight - w0).abs().max() > 1e-2   # five steps of lr 1e-2 moved the weights
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
-    ob.load_state_dict(oa.state_dict())   # a checkpoint of either restores into the other
+    fused = oa.param_groups[0]['fused']
+    ob.load_state_dict(oa.state_dict())   # a checkpoint of either restores into the other ...
+    oa.load_state_dict(torch.optim.Adam(b.parameters(), lr=1e-2).state_dict())
+    assert ob.param_groups[0]['fused'] == fused and not oa.param_groups[0]['fused']   # ... with its own kernel

@@ -82,7 +82,7 @@ def read_json(path):
 def result_path(name):
     """The file whose existence means job `name` is done (dtype_* / sweep_* / ...: results/dtype|sweep|.../)."""
     family = name.split('_')[0]
-    return os.path.join(RES, family if family in ('dtype', 'sweep', 'resolution', 'fair', 'fairx') else 'steps', name + '.json')
+    return os.path.join(RES, family if family in ('dtype', 'sweep', 'resolution', 'fair', 'fairx', 'table1') else 'steps', name + '.json')
 
 
 def job_list(a):

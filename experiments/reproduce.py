@@ -28,12 +28,16 @@ import runtime as R  # noqa: E402
 from experiments import fair as F  # noqa: E402
 from experiments.check import check_results, sync_tables  # noqa: E402
 from experiments import protocol as P  # noqa: E402
+from experiments import table1 as T1  # noqa: E402
 from experiments.protocol import OUT, RES, ROOT, mnist_flags, read_json, result_path  # noqa: E402
 
 
 def job_list(a):
     """Ordered by priority (what RESULTS.md needs most comes first); --only keeps a subset."""
-    jobs = (F.extra_jobs(a) if a.extra else F.job_list(a)) if getattr(a, 'fair', False) else P.job_list(a)
+    if getattr(a, 'table1', False):
+        jobs = T1.job_list(a)
+    else:
+        jobs = (F.extra_jobs(a) if a.extra else F.job_list(a)) if getattr(a, 'fair', False) else P.job_list(a)
     return [j for j in jobs if any(o in j['name'] for o in a.only)] if a.only else jobs
 
 
@@ -180,6 +184,35 @@ def job_fair_extra(a, job):
     R.write_json(result_path(job['name']), res)
 
 
+def job_t1_base(a, job):
+    """Table 1's base: vanilla MNIST trained to --t1-base-steps in stages (resumes), each stage scored
+    at table1.PLATEAU_EVAL with PLATEAU_N samples under the stage's own streams (seed + 1000 * step)."""
+    plateau, wall, ev, metric = [], 0.0, 0.0, None
+    for stage in T1.stages(job['steps']):
+        out, res = train_job({**job, 'steps': stage}, a)
+        wall += res['train_wall_s'] or 0.0
+        t0 = time.time()
+        model, diff, cfg = R.load_checkpoint(out, 'cpu', ema=True, dtype='auto')   # bf16 here: results/dtype_mnist.json
+        metric = metric or P.ClassifierMetric(cfg)
+        sc, _ = T1.scores(model, diff, cfg, job['seed'] + 1000 * stage, T1.PLATEAU_N, T1.PLATEAU_EVAL, metric)
+        plateau.append(dict(step=stage, scores={k: v for k, v in sc.items() if k != 'floor'}, floor=sc['floor']))
+        ev += time.time() - t0
+    res.update(plateau=plateau, train_wall_s=wall, eval_wall_s=ev, config=cfg, eval_dtype=diff.net_dtype)
+    R.write_json(P.result_path(job['name']), res)
+
+
+def job_t1_arm(a, job):
+    """Table 1's arm: --init-from its base, job['steps'] steps of fine-tuning, then table1.scores
+    (seed 0 also keeps its first samples for the grid)."""
+    job = {**job, 'flags': job['flags'] + ['--init-from', os.path.join(OUT, job['deps'][0])]}
+    out, res = train_job(job, a)
+    model, diff, cfg = R.load_checkpoint(out, 'cpu', ema=True, dtype='auto')   # bf16 here: results/dtype_mnist.json
+    t0 = time.time()
+    sc, grids = T1.scores(model, diff, cfg, job['seed'], a.t1_n, keep=T1.GRID_AT if job['seed'] == 0 else ())
+    res.update(config=cfg, eval_dtype=diff.net_dtype, n=a.t1_n, scores=sc, grids=grids, eval_wall_s=time.time() - t0)
+    R.write_json(P.result_path(job['name']), res)
+
+
 class Waiter:
     """Popen-like handle of a job that another (earlier) scheduler started."""
     def __init__(self, name, alive):
@@ -317,6 +350,12 @@ def main():
                    'fair run, each as soon as the run is done (results/fairx/)')
     p.add_argument('--fair-base-steps', type=int, default=F.BASE_STEPS, help='--fair: training steps of the bases')
     p.add_argument('--fair-ft-steps', type=int, default=F.FT_STEPS, help='--fair: fine-tuning steps of every arm')
+    p.add_argument('--table1', action='store_true', help="only issue 28's Table 1 analogue on MNIST (experiments/table1.py): "
+                   'vanilla bases, then control / literal regulariser / ADM-IP / SA-DPM arms, FD and KID at S = 1000, 100, 20 '
+                   '(results/table1/, summary results/table1_mnist.md/.json/.png); with --report only the summary')
+    p.add_argument('--t1-base-steps', type=int, default=T1.BASE_STEPS, help='--table1: training steps of the bases')
+    p.add_argument('--t1-ft-steps', type=int, default=T1.FT_STEPS, help='--table1: fine-tuning steps of every arm')
+    p.add_argument('--t1-n', type=int, default=T1.N, help='--table1: samples per score')
     p.add_argument('--report', action='store_true', help='only aggregate and plot what exists')
     p.add_argument('--check', action='store_true', help='only check RESULTS.md against results/ (exit 1 on any '
                    'disagreement: a missing file, a copied table or resolution row that differs, a stale figure)')
@@ -333,7 +372,7 @@ def main():
         if job is None:
             R.fail(f'no job {a.job}')
         dict(timing=job_timing, steps=job_steps, resolution=job_resolution, fair_base=job_fair_base,
-             fair_arm=job_fair_arm, fair_extra=job_fair_extra)[job['kind']](a, job)
+             fair_arm=job_fair_arm, fair_extra=job_fair_extra, t1_base=job_t1_base, t1_arm=job_t1_arm)[job['kind']](a, job)
         return
     if a.sync_tables:
         print('\n'.join(f'rewrote "{h}"' for h in sync_tables()) or 'every copied table already equals its report')
@@ -341,6 +380,11 @@ def main():
         bad = check_results()
         print('\n'.join(bad) or 'RESULTS.md agrees with results/')
         raise SystemExit(1 if bad else 0)
+    if a.table1:
+        if not a.report:
+            schedule(a)
+        print(T1.summary())
+        return
     if a.fair:
         if not a.report:
             schedule(a)

@@ -1,6 +1,6 @@
 """The house rules of the layout, checked against the tree: README's file map names every file
 and folder (and nothing that is not there), the top level holds at most 9 Python files, no code
-folder more than 8 files, no module past 450 lines, no script imports a script, no import cycle."""
+folder more than 9 files, no module past 450 lines, no script imports a script, no import cycle."""
 import ast
 import os
 import re
@@ -54,7 +54,7 @@ def test_sizes():
     mods = modules()
     assert len([m for m in mods if '.' not in m]) <= 9, sorted(mods)
     for d in CODE_DIRS:
-        assert len([f for f in tracked() if f.startswith(d + '/')]) <= 8, d
+        assert len([f for f in tracked() if f.startswith(d + '/')]) <= 9, d
     long = {p: n for p in mods.values() if (n := len(open(os.path.join(REPO, p)).readlines())) > 450}
     assert not long, f'modules past 450 lines: {long}'
 

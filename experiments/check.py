@@ -1,5 +1,5 @@
 """RESULTS.md checks itself against results/: every results/ path it names exists, every table it
-copies from a report (results/steps_tables.md, results/fair_toy.md) equals the report's table now,
+copies from a report (results/steps_tables.md, fair_toy.md, table1_mnist.md) equals the report's table now,
 the resolution rows are those of resolution_toy.md, every claim marker
 (<!-- claim FILE KEY*SCALE = VALUE -->) equals its JSON value at the printed precision, and no
 report is older than a run it reads. `python -m experiments.reproduce --check` runs it,
@@ -38,10 +38,11 @@ def check_results(md_path=os.path.join(ROOT, 'RESULTS.md'), res=None):
         bad += [f'RESULTS.md resolution row "{ln[:40]}" is not in resolution_toy.md' for ln in rows if ln not in want]
         if len(rows) != len(want):
             bad.append(f'RESULTS.md has {len(rows)} resolution rows, resolution_toy.md {len(want)}')
-    fair = glob.glob(os.path.join(res, 'fair*', '*.json'))
-    if fair and os.path.isfile(os.path.join(res, 'fair_toy.md')) and \
-            os.path.getmtime(os.path.join(res, 'fair_toy.md')) < max(map(os.path.getmtime, fair)) - 1:
-        bad.append('results/fair_toy.md is older than a run in results/fair/: rerun --fair --report')
+    for report, runs, cmd in (('fair_toy.md', 'fair*', '--fair'), ('table1_mnist.md', 'table1', '--table1')):
+        runs = glob.glob(os.path.join(res, runs, '*.json'))
+        if runs and os.path.isfile(os.path.join(res, report)) and \
+                os.path.getmtime(os.path.join(res, report)) < max(map(os.path.getmtime, runs)) - 1:
+            bad.append(f'results/{report} is older than a run it reads: rerun {cmd} --report')
     runs = glob.glob(os.path.join(res, 'steps', '*.json'))   # (file times: in a fresh clone all equal, so this
     newest = max(map(os.path.getmtime, runs), default=0)      # catches runs added after the report was drawn)
     for out in glob.glob(os.path.join(res, 'steps_*.png')) + [tables]:
@@ -52,13 +53,14 @@ def check_results(md_path=os.path.join(ROOT, 'RESULTS.md'), res=None):
 
 def report_tables(res):
     """{heading: (report file, table)} of the reports RESULTS.md copies tables from: steps_tables.md
-    (under '### heading') and fair_toy.md (under a bold lead-in)."""
+    (under '### heading'), fair_toy.md and table1_mnist.md (under a bold lead-in)."""
     out, tables = {}, os.path.join(res, 'steps_tables.md')
     if os.path.isfile(tables):
         out = {h.replace('Headline, ', ''): ('steps_tables.md', b.strip().split('\n\n')[0]) for h, b in
                re.findall(r'^### (.+)\n([\s\S]*?)(?=^### |\Z)', open(tables).read(), re.M)}
-    if os.path.isfile(os.path.join(res, 'fair_toy.md')):
-        out.update({h: ('fair_toy.md', b) for h, b in bold_tables(open(os.path.join(res, 'fair_toy.md')).read())})
+    for report in ('fair_toy.md', 'table1_mnist.md'):
+        if os.path.isfile(os.path.join(res, report)):
+            out.update({h: (report, b) for h, b in bold_tables(open(os.path.join(res, report)).read())})
     return out
 
 

@@ -203,13 +203,17 @@ def job_t1_base(a, job):
 
 def job_t1_arm(a, job):
     """Table 1's arm: --init-from its base, job['steps'] steps of fine-tuning, then table1.scores
-    (seed 0 also keeps its first samples for the grid)."""
+    (seed 0 also keeps its first samples for the grid); the control and the regulariser arm are also
+    measured by bench --what reg-grad."""
     job = {**job, 'flags': job['flags'] + ['--init-from', os.path.join(OUT, job['deps'][0])]}
     out, res = train_job(job, a)
     model, diff, cfg = R.load_checkpoint(out, 'cpu', ema=True, dtype='auto')   # bf16 here: results/dtype_mnist.json
     t0 = time.time()
     sc, grids = T1.scores(model, diff, cfg, job['seed'], a.t1_n, keep=T1.GRID_AT if job['seed'] == 0 else ())
-    res.update(config=cfg, eval_dtype=diff.net_dtype, n=a.t1_n, scores=sc, grids=grids, eval_wall_s=time.time() - t0)
+    res.update(config=cfg, eval_dtype=diff.net_dtype, n=a.t1_n, scores=sc, grids=grids)
+    if cfg['reg'] or job['method'] == 'control':   # the regulariser's effective weight and signal-to-noise
+        res['reg_grad'] = reg_grad(out, job['name'])
+    res['eval_wall_s'] = time.time() - t0
     R.write_json(P.result_path(job['name']), res)
 
 

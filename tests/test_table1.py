@@ -62,6 +62,8 @@ def test_summary_pairs_arms_with_the_control_by_seed(tmp_path):
             else:
                 res['scores'] = {k: dict(fd=50 + v + shift[m], kid=5 * (50 + v) + 2 * shift[m]) for k, v in noise.items()}
                 res['scores']['floor'] = dict(fd=11.0 + 0.1 * seed, kid=0.5)
+                if m in ('control', 'lit'):
+                    res['reg_grad'] = dict(median_ratio=0.01 if m == 'control' else 1e-6, mean_cos_reg=0.1 * seed, mean_cos_nll=0.9)
                 if seed == 0:
                     res['grids'] = {k: np.full((T1.GRID_N, 14, 14), 40 * i, np.uint8).tolist() for i, k in enumerate(T1.GRID_AT)}
             R.write_json(tmp_path / 'table1' / f"{j['name']}.json", res)
@@ -75,7 +77,8 @@ def test_summary_pairs_arms_with_the_control_by_seed(tmp_path):
             assert c['diff'] == pytest.approx(scale * shift[c['arm']], abs=1e-9) and c['n'] == 3
             assert c['floor_mean'] == pytest.approx(11.1 if key == 'fd' else 0.5)
     assert out['plateau']['ddpm20'] == {'100': [10.0, 0.0], '200': [5.0, 0.0]}
-    assert out['plateau_floor'][0] == pytest.approx(13.0)
+    assert out['plateau_floor'][0] == pytest.approx(13.0) and set(out['weights']) == {'control', 'lit'}
+    assert out['weights']['lit']['mean_cos_reg'] == pytest.approx([0.1, 0.1]) and '| reg, Algorithm 1 literally | 1e-06 ± 0 |' in md
     assert out['process_hours'] == pytest.approx(15 * 30 / 3600)
     assert md.startswith("**Table 1's analogue, MNIST 14 x 14, T = 1000: Frechet distance** (3 seeds")
     assert '| reg, Algorithm 1 literally | +1.50 [' in md and 'KID (cubic kernel, unbiased)' in md

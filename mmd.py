@@ -40,18 +40,22 @@ def _pooled_sq_dists(z):
 
 
 def kth_smallest(v, k):
-    """The k-th smallest (1-based) of the flat tensor v, as v.kthvalue(k) but by two cheap passes
-    for large v: bracket the answer between two order statistics of a strided subsample, count
-    what lies below the bracket, and select within it (an exact answer; a bracket that misses
-    falls back to kthvalue on the whole)."""
+    """The k-th smallest (1-based) of the flat tensor v, as v.kthvalue(k) but by cheap passes for
+    large v: bracket the answer between two order statistics of a strided subsample, count what
+    lies at or below the bracket's top, and select within the bracket (an exact answer; a bracket
+    that misses falls back to kthvalue on the whole). One mask serves both the count and the band:
+    1.75x faster than counting v < lo separately (3000 pooled points, one thread; the toy
+    evaluation spent a quarter of its time here, docs/performance.md)."""
     n = v.numel()
     if n < 200_000:
         return v.kthvalue(k).values
     s = v[::n // 16384].sort().values   # ~16k values; the answer lies near rank k n_s / n in them
     q, w = k * len(s) // n, 3 * math.isqrt(len(s)) + 2   # 6 sigma: the rank's sd is <= sqrt(n_s) / 2
     lo, hi = s[max(q - w, 0)], s[min(q + w, len(s) - 1)]
-    below = int((v < lo).sum())
-    band = v[(v >= lo) & (v <= hi)]
+    mask = v <= hi
+    up_to_hi = int(torch.count_nonzero(mask))
+    band = v[mask.logical_and_(v >= lo)]
+    below = up_to_hi - len(band)   # the values < lo
     if below < k <= below + len(band):
         return band.kthvalue(k - below).values
     return v.kthvalue(k).values

@@ -209,7 +209,7 @@ def job_t1_arm(a, job):
     out, res = train_job(job, a)
     model, diff, cfg = R.load_checkpoint(out, 'cpu', ema=True, dtype='auto')   # bf16 here: results/dtype_mnist.json
     t0 = time.time()
-    sc, grids = T1.scores(model, diff, cfg, job['seed'], a.t1_n, keep=T1.GRID_AT if job['seed'] == 0 else ())
+    sc, grids = T1.scores(model, diff, cfg, job['seed'], a.t1_n, keep=T1.GRID_AT if job['seed'] == 0 else (), es=T1.ES_AT)
     res.update(config=cfg, eval_dtype=diff.net_dtype, n=a.t1_n, scores=sc, grids=grids)
     if cfg['reg'] or job['method'] == 'control':   # the regulariser's effective weight and signal-to-noise
         res['reg_grad'] = reg_grad(out, job['name'])

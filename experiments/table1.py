@@ -19,14 +19,16 @@ import torch
 
 import data as D
 import runtime as R
+from diffusion import eps_scale_schedule
 from experiments.fair import holm_fill, paired_cell
-from experiments.protocol import MNIST_FLAGS, RES, SWEEP, ClassifierMetric, read_json
+from experiments.protocol import ES_GRID, MNIST_FLAGS, RES, SWEEP, ClassifierMetric, es_search, read_json
 
 T, BASE_STEPS, FT_STEPS = 1000, 8000, 1000
 STAGES = (2000, 4000, 8000)   # where the base's plateau is scored (and BASE_STEPS)
 PLATEAU_N, PLATEAU_EVAL = 256, (('ddpm', 20), ('ddpm', 100))
 EVAL = (('ddpm', 1000), ('ddpm', 100), ('ddpm', 20), ('ddim', 100), ('ddim', 20))   # Table 1's S = 1000 first
 N, CHUNK = 400, 250   # samples per score; chains run CHUNK at a time (the MNIST net's bf16 plateau: 256)
+ES_AT = (('ddpm', 100), ('ddpm', 20))   # epsilon scaling on top of every arm (ancestral; its CPU cost)
 GRID_N, GRID_AT = 32, ('ddpm1000', 'ddpm20')   # seed 0's first samples kept for the sample grid
 FLAGS = MNIST_FLAGS + ['--lr', '5e-4', '--T', str(T)]   # results/steps' MNIST recipe; --dtype auto
 ARMS = {'control': [], 'lit': SWEEP['lit'], 'ip': ['--loss', 'ip'], 'sa': ['--loss', 'sa']}
@@ -52,29 +54,40 @@ def job_list(a):
                    for s in seeds for arm, fl in ARMS.items()]
 
 
-def chains(model, diff, shape, seed, n, sampler, S, chunk=CHUNK):
-    """n samples (n, *shape) of the S-step chain; x_T from the stream (seed, 't1-x_T', S) (one
-    start per S for both samplers) and the chain's noise from (seed, 't1-chain', sampler, S)."""
-    gx, gz = R.rng(seed, 't1-x_T', S), R.rng(seed, 't1-chain', sampler == 'ddim', S)
+def chains(model, diff, shape, seed, n, sampler, S, chunk=CHUNK, b=1.0, purpose='t1'):
+    """n samples (n, *shape) of the S-step chain with eps / b (epsilon scaling, Ning et al.'s
+    uniform schedule); x_T from the stream (seed, purpose-x_T, S) (one start per S for both samplers
+    and every b) and the chain's noise from (seed, purpose-chain, sampler, S)."""
+    gx, gz = R.rng(seed, purpose + '-x_T', S), R.rng(seed, purpose + '-chain', sampler == 'ddim', S)
+    lam = None if b == 1.0 else eps_scale_schedule(diff.T, b, 0.0, S)
     out = []
     with torch.inference_mode():
         for m in range(0, n, chunk):
             x = torch.randn((min(chunk, n - m), *shape), generator=gx)
-            out.append(diff.sample_chain(model, x, diff.T, 0, sampler, S, generator=gz))
+            out.append(diff.sample_chain(model, x, diff.T, 0, sampler, S, generator=gz, eps_scale=lam))
     return torch.cat(out)
 
 
-def scores(model, diff, cfg, seed, n=N, evals=EVAL, metric=None, keep=()):
-    """{sampler + S: dict(fd, kid, kid_std)} of n samples per setting, and the floor (n test digits
-    drawn by (seed, 't1-floor')); keep: settings whose first GRID_N samples are returned (uint8)."""
-    metric = metric or ClassifierMetric(cfg)
+def scores(model, diff, cfg, seed, n=N, evals=EVAL, metric=None, keep=(), es=()):
+    """{sampler + S: dict(fd, kid)} of n samples per setting, and the floor (n test digits drawn by
+    (seed, 't1-floor')); es: settings also scored with epsilon scaling (key + '_es': the scale B that
+    protocol.es_search picks on n / 2 chains of their own streams, FD as its criterion); keep:
+    settings whose first GRID_N samples are returned (uint8)."""
+    metric, shape = metric or ClassifierMetric(cfg), tuple(cfg['data_shape'])
     out, grids = {}, {}
     for sampler, S in evals:
-        x = chains(model, diff, tuple(cfg['data_shape']), seed, n, sampler, S)
+        x = chains(model, diff, shape, seed, n, sampler, S)
         out[f'{sampler}{S}'] = metric(x)
         if f'{sampler}{S}' in keep:
             grids[f'{sampler}{S}'] = D.to_uint8(x[:GRID_N]).squeeze(1).tolist()
         print(sampler, S, out[f'{sampler}{S}'], flush=True)
+        if (sampler, S) in es:   # epsilon scaling on top: B chosen on other chains, then scored on these streams
+            best, grid = es_search(lambda b: metric(chains(model, diff, shape, seed, n // 2, sampler, S, b=b,
+                                                           purpose='t1-select'))['fd'], ES_GRID)
+            out[f'{sampler}{S}_es'] = dict(out[f'{sampler}{S}'] if best == 1.0 else
+                                           metric(chains(model, diff, shape, seed, n, sampler, S, b=best)),
+                                           es_scale=best, es_grid={str(b): v for b, v in grid.items()})
+            print(sampler, S, 'ES', out[f'{sampler}{S}_es'], flush=True)
     test = D.load_mnist_labelled(cfg['data_dir'], 'test', cfg['image_size'])[0]
     pick = torch.randperm(len(test), generator=R.rng(seed, 't1-floor'))[:n]
     out['floor'] = metric(D.to_model_space(test[pick]))
@@ -104,6 +117,11 @@ def summary(folder=os.path.join(RES, 'table1')):
                                   control_mean=float(np.mean(ctl)), control_std=float(np.std(ctl, ddof=1)),
                                   floor_mean=float(np.mean(fl)), floor_std=float(np.std(fl, ddof=1))) for m in arms]
         out['tables'][key] = holm_fill(cells)
+    out['es'] = {}   # what epsilon scaling buys on top of each model: model + ES - model, paired by seed; the scales chosen
+    for col in (c for c in cols if c.endswith('_es')):
+        get = lambda m, s, c, k='fd': by[(m, s)]['scores'][c][k]  # noqa: E731
+        out['es'][col] = holm_fill([paired_cell([get(m, s, col) - get(m, s, col[:-3]) for s in seeds], arm=m, col=col,
+                                                scales=[get(m, s, col, 'es_scale') for s in seeds]) for m in ['control'] + arms])
     for s in seeds:
         for st in by[('base', s)]['plateau']:
             for col, v in st['scores'].items():
@@ -127,6 +145,11 @@ def summary(folder=os.path.join(RES, 'table1')):
     return md
 
 
+def label(col):   # 'ddpm100_es' -> 'ddpm S = 100 + ES'
+    S, es = (col[4:].split('_') + [''])[:2]
+    return f"{col[:4]} S = {S}" + (' + ES' if es else '')
+
+
 def fmt(key, v):
     return f'{v:.2f}' if key == 'fd' else f'{v:.1f}'
 
@@ -141,7 +164,7 @@ def markdown(out):
                   'the classifier\'s features against the training set; arm - control after '
                   f"{out['cost']['control']['steps']} fine-tuning steps from the same base, paired by seed, 95 % CI, "
                   '* Holm p < 0.05 over this table)\n',
-                  '| arm | ' + ' | '.join(f'{c[:4]} S = {c[4:]}' for c in cols) + ' |', '|---|' + '---:|' * len(cols),
+                  '| arm | ' + ' | '.join(label(c) for c in cols) + ' |', '|---|' + '---:|' * len(cols),
                   '| control (value) | ' + ' | '.join(f"{fmt(key, first[c]['control_mean'])} ± {fmt(key, first[c]['control_std'])}"
                                                       for c in cols) + ' |',
                   '| floor (value) | ' + ' | '.join(f"{fmt(key, first[c]['floor_mean'])} ± {fmt(key, first[c]['floor_std'])}"
@@ -154,6 +177,17 @@ def markdown(out):
         det = [c['min_detectable'] for c in cells]
         lines += ['', f"Smallest change this table detects (80 % power, Holm's first step): {fmt(key, min(det))} to "
                   f"{fmt(key, max(det))}.\n"]
+    if out.get('es'):
+        cols = list(out['es'])
+        lines += ['**Epsilon scaling on top of each model** (FD; model + ES - the same model, paired by seed, 95 % CI, * Holm p '
+                  '< 0.05 over this table; B chosen by protocol.es_search on chains of their own streams; mean B chosen)\n',
+                  '| model | ' + ' | '.join(label(c) for c in cols) + ' |', '|---|' + '---:|' * len(cols)]
+        for m in dict.fromkeys(c['arm'] for c in out['es'][cols[0]]):
+            cs = {c['col']: c for col in cols for c in out['es'][col] if c['arm'] == m}
+            lines.append(f'| {LABEL[m]} | ' + ' | '.join(
+                f"{cs[c]['diff']:+.2f} [{cs[c]['ci'][0]:.2f}, {cs[c]['ci'][1]:.2f}]{'*' if cs[c]['p_holm'] < 0.05 else ''}"
+                f" (B {np.mean(cs[c]['scales']):.3g})" for c in cols) + ' |')
+        lines.append('')
     if out.get('weights'):
         lines += ["**The regulariser's effective weight and signal on MNIST** (bench --what reg-grad, 40 batches of 64, mean ± std "
                   'over seeds): |grad of the weighted regulariser| / |grad of the weighted eps-MSE| (median over batches) and the '
@@ -165,7 +199,7 @@ def markdown(out):
     cols = list(out['plateau'])
     lines += [f'**Plateau of the vanilla bases** (Frechet distance of {PLATEAU_N} samples, mean ± std over seeds, by '
               f"training step; the perfect model, {PLATEAU_N} test digits: {out['plateau_floor'][0]:.1f} ± "
-              f"{out['plateau_floor'][1]:.1f})\n", '| step | ' + ' | '.join(f'{c[:4]} S = {c[4:]}' for c in cols) + ' |', '|---:|' + '---:|' * len(cols)]
+              f"{out['plateau_floor'][1]:.1f})\n", '| step | ' + ' | '.join(label(c) for c in cols) + ' |', '|---:|' + '---:|' * len(cols)]
     steps = sorted({st for c in cols for st in out['plateau'][c]}, key=int)
     lines += [f'| {st} | ' + ' | '.join('{:.1f} ± {:.1f}'.format(*out['plateau'][c][st]) for c in cols) + ' |' for st in steps]
     lines += ['', '| model | steps | train s | eval s |', '|---|---:|---:|---:|']
@@ -185,7 +219,7 @@ def plot(out, grids, path):
     ax = fig.add_subplot(1, 3, 1)
     for c, d in out['plateau'].items():
         st = sorted(d, key=int)
-        ax.errorbar([int(s) for s in st], [d[s][0] for s in st], [d[s][1] for s in st], fmt='o-', capsize=3, label=f'{c[:4]} S = {c[4:]}')
+        ax.errorbar([int(s) for s in st], [d[s][0] for s in st], [d[s][1] for s in st], fmt='o-', capsize=3, label=label(c))
     m, sd = out['plateau_floor']
     ax.axhspan(m - 2 * sd, m + 2 * sd, color='grey', alpha=0.25, label=f'perfect-model floor (n = {PLATEAU_N}) ± 2 std')
     ax.set(xscale='log', xlabel='training steps (vanilla base)', ylabel=f'FD ({PLATEAU_N} samples)')
@@ -201,7 +235,7 @@ def plot(out, grids, path):
                     fmt='o', capsize=3, label=LABEL[m])
     ax.axhline(0, color='k', lw=0.8)
     ax.set_xticks(range(len(cols)))
-    ax.set_xticklabels([f'{c[:4]} {c[4:]}' for c in cols], fontsize=8)
+    ax.set_xticklabels([label(c).replace(' S = ', ' ') for c in cols], fontsize=7, rotation=20)
     ax.set(ylabel='arm - control, FD (< 0 = better)')
     ax.set_title(f"paired change, 95 % CI ({len(out['seeds'])} seeds)", fontsize=9)
     ax.legend(fontsize=7)

@@ -61,6 +61,9 @@ def test_summary_pairs_arms_with_the_control_by_seed(tmp_path):
                                        floor=dict(fd=12.0 + seed)) for st in (100, 200)]
             else:
                 res['scores'] = {k: dict(fd=50 + v + shift[m], kid=5 * (50 + v) + 2 * shift[m]) for k, v in noise.items()}
+                for sampler, S in T1.ES_AT:   # ES takes 3 FD off every model, picking B = 1.1
+                    plain = res['scores'][f'{sampler}{S}']
+                    res['scores'][f'{sampler}{S}_es'] = dict(fd=plain['fd'] - 3, kid=plain['kid'], es_scale=1.1, es_grid={})
                 res['scores']['floor'] = dict(fd=11.0 + 0.1 * seed, kid=0.5)
                 if m in ('control', 'lit'):
                     res['reg_grad'] = dict(median_ratio=0.01 if m == 'control' else 1e-6, mean_cos_reg=0.1 * seed, mean_cos_nll=0.9)
@@ -72,10 +75,13 @@ def test_summary_pairs_arms_with_the_control_by_seed(tmp_path):
     assert out['seeds'] == [0, 1, 2] and (tmp_path / 'table1_mnist.png').is_file() and out['runs'] == 15
     for key, scale in (('fd', 1), ('kid', 2)):
         cells = out['tables'][key]
-        assert len(cells) == 3 * len(T1.EVAL) and {c['arm'] for c in cells} == {'lit', 'ip', 'sa'}
+        assert len(cells) == 3 * (len(T1.EVAL) + len(T1.ES_AT)) and {c['arm'] for c in cells} == {'lit', 'ip', 'sa'}
         for c in cells:
             assert c['diff'] == pytest.approx(scale * shift[c['arm']], abs=1e-9) and c['n'] == 3
             assert c['floor_mean'] == pytest.approx(11.1 if key == 'fd' else 0.5)
+    es = out['es']['ddpm20_es']
+    assert [c['arm'] for c in es] == ['control', 'lit', 'ip', 'sa'] and all(c['diff'] == pytest.approx(-3) for c in es)
+    assert es[0]['scales'] == [1.1] * 3 and 'ddpm S = 20 + ES' in md and '(B 1.1)' in md
     assert out['plateau']['ddpm20'] == {'100': [10.0, 0.0], '200': [5.0, 0.0]}
     assert out['plateau_floor'][0] == pytest.approx(13.0) and set(out['weights']) == {'control', 'lit'}
     assert out['weights']['lit']['mean_cos_reg'] == pytest.approx([0.1, 0.1]) and '| reg, Algorithm 1 literally | 1e-06 ± 0 |' in md

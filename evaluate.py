@@ -85,7 +85,7 @@ def load_runs(a, device):
         R.fail(f'{len(labels)} --labels for {len(a.ckpt)} --ckpt: give one per checkpoint')
     runs = []
     for ckpt, label in zip(map(resolve_weights, a.ckpt), labels):   # hub ids -> their cached folders
-        model, diff, cfg = R.load_checkpoint(ckpt, device, ema=True, dtype=R.sampling_dtype(a, a.quant != 'none'))
+        model, diff, cfg = R.load_checkpoint(ckpt, device, ema=True, dtype=R.sampling_dtype(a, a.quant != 'none'), compile=a.compile)
         chain = R.chain_kwargs(a, diff)
         runs.append((ckpt, label, model, diff, cfg, chain))
     return [(c, lab, quant.for_sampling(m, d, tuple(cfg['data_shape']), c, a.quant, a.quant_compensate,
@@ -158,7 +158,7 @@ def run_es_search(a):
     if a.n < 2 or a.m < 2 or not a.grid or min(a.grid) <= 0:
         R.fail('need --n, --m >= 2 and a --grid of scales > 0')
     device = start(a, '.json')
-    model, diff, cfg = R.load_checkpoint(a.ckpt, device, ema=True, dtype=R.sampling_dtype(a))
+    model, diff, cfg = R.load_checkpoint(a.ckpt, device, ema=True, dtype=R.sampling_dtype(a), compile=a.compile)
     R.chain_kwargs(a, diff)   # checks --steps / --eta
     if D.is_toy(cfg['dataset']):
         real, held = D.sample_toy(cfg['dataset'], a.m, torch.Generator().manual_seed(a.seed + 1)), 'fresh true samples'
@@ -226,7 +226,7 @@ def run_fid(a):
     device, rank, world = R.setup_device(a.device)
     if a.ckpt:
         a.ckpt = resolve_weights(a.ckpt)   # a hub id -> its cached folder
-        model, diff, cfg = R.load_checkpoint(a.ckpt, device, ema=True, dtype=R.sampling_dtype(a, a.quant != 'none'))
+        model, diff, cfg = R.load_checkpoint(a.ckpt, device, ema=True, dtype=R.sampling_dtype(a, a.quant != 'none'), compile=a.compile)
         if len(cfg['data_shape']) != 3:
             R.fail(f"{a.ckpt} models {cfg['dataset']} vectors; FID needs images (use `evaluate.py errprop`)")
         if classifier and not a.dataset and cfg['dataset'] != 'mnist':

@@ -20,8 +20,7 @@ from mmd import KERNELS
 from model import build_model, is_diffusers_folder, load_diffusers_unet, resolve_dtype, resolve_weights
 
 
-def fail(msg):
-    """Bad input: one line on stderr, exit status 1, no traceback."""
+def fail(msg):   # bad input: one line on stderr, exit status 1, no traceback
     raise SystemExit(f'error: {msg}')
 
 
@@ -188,8 +187,7 @@ def setup_device(device='auto', distributed=True):
     return device, rank, world
 
 
-def shard(n, rank, world):
-    """[lo, hi) of n items for `rank`: contiguous, in rank order."""
+def shard(n, rank, world):   # [lo, hi) of n items for `rank`: contiguous, in rank order
     per = -(-n // world)
     return min(n, rank * per), min(n, (rank + 1) * per)
 
@@ -213,8 +211,7 @@ def teardown(end_process=False, code=0):
         dist.destroy_process_group()
         if end_process:
             gc.collect()
-            sys.stdout.flush()
-            sys.stderr.flush()
+            sys.stdout.flush(), sys.stderr.flush()
             os._exit(code)
 
 
@@ -234,10 +231,10 @@ def atomic_write(path, write, binary=True):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    fd = os.open(folder, os.O_RDONLY)
+    fd = os.open(folder, os.O_RDONLY)   # the rename itself is durable once the folder is
     try:
         os.fsync(fd)
-    finally:   # the rename itself is durable once the folder is
+    finally:
         os.close(fd)
 
 
@@ -250,7 +247,7 @@ def json_safe(obj):
     return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
-def write_json(path, obj):
+def write_json(path, obj):   # atomically, non-finite floats as null
     atomic_write(path, lambda f: json.dump(json_safe(obj), f, indent=1, allow_nan=False), binary=False)
 
 
@@ -266,7 +263,7 @@ def save_npz(path, **arrays):
 
 def read_npz(path, need=()):
     """{name: array} of an .npz file, holding every name in `need`, or a one-line error naming it."""
-    if not os.path.isfile(path):
+    if not os.path.isfile(path):   # (FileNotFoundError, as np.load's own)
         raise FileNotFoundError(f'{path} does not exist')
     if not zipfile.is_zipfile(path):
         raise ValueError(f'{path} is not an .npz file (not a zip archive): pass one written by sample.py --npz')
@@ -345,10 +342,11 @@ def diffusers_config(name, shape):
     return cfg
 
 
-def load_checkpoint(path, device='cpu', ema=True, dtype='fp32'):
+def load_checkpoint(path, device='cpu', ema=True, dtype='fp32', compile=False):
     """(model in eval mode, diffusion, config) from a run folder, a ckpt.pt, or a diffusers DDPM
     folder, or a hub model id (model.resolve_weights). ema=True takes the EMA weights (what sampling
-    and evaluation use); dtype: the network's arithmetic when sampling (make_diffusion)."""
+    and evaluation use); dtype: the network's arithmetic when sampling (make_diffusion); compile:
+    the network wrapped in torch.compile (one trace per batch shape; docs/performance.md)."""
     path = resolve_weights(path)
     if os.path.isdir(path) and is_diffusers_folder(path):
         state, name, shape = load_diffusers_unet(path)
@@ -370,7 +368,8 @@ def load_checkpoint(path, device='cpu', ema=True, dtype='fp32'):
     if bad:
         raise ValueError(f'{path} holds non-finite weights ({bad[0]}, ...): the run diverged; use an earlier checkpoint '
                          'or retrain with a lower --lr')
-    return model.to(device).eval(), make_diffusion(cfg, device, dtype), cfg
+    model = model.to(device).eval()
+    return torch.compile(model, dynamic=False) if compile else model, make_diffusion(cfg, device, dtype), cfg
 
 
 def progress_bar(total, desc, unit='it', on=True):
@@ -399,6 +398,7 @@ def add_sampling_args(p, quant=True):
     """--sampler/--steps/--eta/--eps-scale(-k) and, with quant, the quantised-sampling flags."""
     p.add_argument('--dtype', choices=('auto', 'fp32', 'bf16'), default='auto',
                    help="the network's arithmetic (auto: bf16 where the hardware has it); the chain stays fp32")
+    p.add_argument('--compile', action='store_true', help='torch.compile the network: a trace per batch shape (a minute on a CPU)')
     p.add_argument('--sampler', choices=('ddpm', 'ddim'), default='ddpm', help='ddpm: ancestral (Eq. 16), respaced when --steps < T; ddim: DDIM with --eta')
     p.add_argument('--steps', type=int, help='sampling steps S (default: every step of the T-step chain)')
     p.add_argument('--spacing', choices=('trailing', 'adm'), default='trailing', help="the S-step grid: trailing "
@@ -420,8 +420,8 @@ def add_sampling_args(p, quant=True):
 
 def sampling_dtype(a, quantised=False):
     """--dtype for load_checkpoint; fake-quantised networks (--quant, quanterr) compute in fp32."""
-    if quantised and a.dtype == 'bf16':
-        fail('--dtype bf16 does not go with quantised sampling (fake quantisation computes in fp32): use fp32 or auto')
+    if quantised and (a.dtype == 'bf16' or a.compile):
+        fail('--dtype bf16 and --compile do not go with quantised sampling (fake quantisation swaps the layers, in fp32)')
     return 'fp32' if quantised else a.dtype
 
 

@@ -50,7 +50,7 @@ def main(argv=None):
         R.check_writable(os.path.join(a.png_dir, 'x.png'))
     device, rank, world = R.setup_device(a.device)
     a.ckpt = resolve_weights(a.ckpt)   # a hub id -> its cached folder (the calibration is stored beside it)
-    model, diff, cfg = R.load_checkpoint(a.ckpt, device, ema=not a.no_ema, dtype=R.sampling_dtype(a, a.quant != 'none'))
+    model, diff, cfg = R.load_checkpoint(a.ckpt, device, ema=not a.no_ema, dtype=R.sampling_dtype(a, a.quant != 'none'), compile=a.compile)
     shape = tuple(cfg['data_shape'])
     if a.png_dir and len(shape) != 3:
         R.fail(f"--png-dir needs images; {a.ckpt} models {cfg['dataset']} vectors: use --npz or --grid")

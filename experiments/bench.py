@@ -312,7 +312,7 @@ def main(argv=None):
                    help='all = train, reg and errprop; kernels: matmul and conv TFLOP/s per dtype and layout; profile: '
                    'one training step\'s self time per operator, per --dtype; sample-batch: inference rows/s by batch')
     p.add_argument('--model', nargs='+', help='train: these configs (default small cifar10); '
-                   'reg, errprop: the first one (default small on CPU, cifar10 on GPU)')
+                   'reg, errprop: the first one (default small on CPU, cifar10 on GPU); sample-batch: these of mlp, tiny, cifar10')
     p.add_argument('--batch-size', type=int, help='default 128 on GPU; CPU: 16 (small), 4 (others)')
     p.add_argument('--iters', type=int, help='timed steps (per variant and rep); default GPU 20, CPU 2')
     p.add_argument('--warmup', type=int, help='untimed steps first; default GPU 3, CPU 1')
@@ -424,7 +424,7 @@ def main(argv=None):
     if a.what == 'kernels':
         show('kernels: TFLOP/s of one process (median of 5 calls)', out.setdefault('kernels', kernel_rates(dev, a.batch_size or 8)))
     if a.what == 'sample-batch':
-        show('sample-batch: one chain step of inference (Diffusion.eps), chain rows/s', out.setdefault('sample_batch', sample_batch_rates(dev, a.dtype)))
+        show('sample-batch: one chain step of inference (Diffusion.eps), chain rows/s', out.setdefault('sample_batch', sample_batch_rates(dev, a.dtype, compile=a.compile, nets=a.model)))
     if a.what == 'profile':   # where the step's time goes, per operator, for each --dtype
         cfg = image_config(a, (a.model or ['cifar10'])[0])
         for dtype in a.dtype:

@@ -218,23 +218,28 @@ SAMPLE_NETS = (('mlp', (2,), (256, 1024, 4096, 16384)), ('tiny', (1, 14, 14), (1
                ('cifar10', (3, 32, 32), (4, 16, 64)))   # the toy MLP, the protocol's MNIST net, the cifar10 net
 
 
-def sample_batch_rates(dev, dtypes, reps=3):
+def sample_batch_rates(dev, dtypes, reps=3, compile=False, nets=None):
     """Inference of one chain step (Diffusion.eps under inference_mode, as every sampler calls it) per
-    network, dtype and batch: chain rows per second (median of `reps`) and peak memory; where the
-    throughput plateaus is the sample batch worth using on this device."""
+    network (nets: these names of SAMPLE_NETS), dtype and batch: chain rows per second (median of
+    `reps`) and peak memory; where the throughput plateaus is the sample batch worth using on this
+    device. compile: each batch also through torch.compile(net) (as --compile samples), timed right
+    after the eager one, with its first call (the trace) timed apart."""
     rows = []
-    for name, shape, batches in SAMPLE_NETS:
+    for name, shape, batches in (n for n in SAMPLE_NETS if not nets or n[0] in nets):
         torch.manual_seed(0)
         net = build_model(name, shape).to(dev).eval()
         for dtype in dtypes:
             diff = Diffusion(T=1000, device=dev, net_dtype=dtype)
             for b in batches:
                 x = torch.randn(b, *shape, device=dev)
-                m0 = mem_start(dev)
-                with torch.inference_mode():
-                    s = median_time(lambda: diff.eps(net, x, 500), dev, reps)
-                rows.append(dict(model=name, dtype=dtype, batch=b, rows_per_s=b / s,
-                                 peak_mem_MB=mem_peak_mb(dev, m0)))
+                for comp in ((False, True) if compile else (False,)):
+                    m0, f, first = mem_start(dev), torch.compile(net, dynamic=False) if comp else net, None
+                    with torch.inference_mode():
+                        if comp:
+                            t0 = time.perf_counter(); diff.eps(f, x, 500); sync(dev); first = time.perf_counter() - t0
+                        s = median_time(lambda: diff.eps(f, x, 500), dev, reps)
+                    rows.append(dict(model=name, dtype=dtype, batch=b, rows_per_s=b / s, peak_mem_MB=mem_peak_mb(dev, m0),
+                                     **({'compile': comp, 'first_call_s': first} if compile else {})))
     return rows
 
 

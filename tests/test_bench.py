@@ -83,3 +83,16 @@ def test_profile_lists_the_step_s_operators_by_self_time(tmp_path):
     assert any('convolution' in op for op in ops)   # a U-Net step is convolutions first
     ms = [row['ms'] for row in rows]
     assert ms == sorted(ms, reverse=True) and 0 < sum(row['share'] for row in rows) <= 1 + 1e-9
+
+
+def test_sample_batch_rates_per_network_batch_and_compile():
+    """--what sample-batch: one row per (network, dtype, batch); with compile a compiled row beside each
+    eager one, its first call (the trace) timed apart. The toy MLP only: the U-Nets trace for a minute."""
+    import torch
+    from experiments.benchlib import SAMPLE_NETS, sample_batch_rates
+    torch._dynamo.reset()
+    rows = sample_batch_rates('cpu', ['fp32'], reps=1, compile=True, nets=['mlp'])
+    batches = dict((n, b) for n, _, b in SAMPLE_NETS)['mlp']
+    assert [(r['batch'], r['compile']) for r in rows] == [(b, c) for b in batches for c in (False, True)]
+    assert all(r['model'] == 'mlp' and r['rows_per_s'] > 0 for r in rows)
+    assert all(r['first_call_s'] > 0 if r['compile'] else r['first_call_s'] is None for r in rows)

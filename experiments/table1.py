@@ -105,7 +105,8 @@ def summary(folder=os.path.join(RES, 'table1')):
     out = dict(dataset='mnist', T=T, seeds=seeds, tables={}, plateau={}, cost={}, runs=len(by))
     if len(seeds) < 2:
         return f'Table 1 analogue: {len(seeds)} complete seed(s) in {folder}; at least 2 are needed\n'
-    arms = [m for m in ARMS if m != 'control' and all((m, s) in by for s in seeds)]
+    have = {m: [s for s in seeds if (m, s) in by] for m in ARMS}   # an arm cut by the budget: its seeds so far
+    arms = [m for m in ARMS if m != 'control' and len(have[m]) >= 2]
     cols = list(by[('control', seeds[0])]['scores'])
     cols.remove('floor')
     for key in ('fd', 'kid'):
@@ -113,15 +114,15 @@ def summary(folder=os.path.join(RES, 'table1')):
         for col in cols:
             get = lambda m, s, c=col: by[(m, s)]['scores'][c][key]  # noqa: E731
             ctl, fl = [get('control', s) for s in seeds], [get('control', s, 'floor') for s in seeds]
-            cells += [paired_cell([get(m, s) - get('control', s) for s in seeds], arm=m, col=col,
+            cells += [paired_cell([get(m, s) - get('control', s) for s in have[m]], arm=m, col=col,
                                   control_mean=float(np.mean(ctl)), control_std=float(np.std(ctl, ddof=1)),
                                   floor_mean=float(np.mean(fl)), floor_std=float(np.std(fl, ddof=1))) for m in arms]
         out['tables'][key] = holm_fill(cells)
     out['es'] = {}   # what epsilon scaling buys on top of each model: model + ES - model, paired by seed; the scales chosen
     for col in (c for c in cols if c.endswith('_es')):
         get = lambda m, s, c, k='fd': by[(m, s)]['scores'][c][k]  # noqa: E731
-        out['es'][col] = holm_fill([paired_cell([get(m, s, col) - get(m, s, col[:-3]) for s in seeds], arm=m, col=col,
-                                                scales=[get(m, s, col, 'es_scale') for s in seeds]) for m in ['control'] + arms])
+        out['es'][col] = holm_fill([paired_cell([get(m, s, col) - get(m, s, col[:-3]) for s in have[m]], arm=m, col=col,
+                                                scales=[get(m, s, col, 'es_scale') for s in have[m]]) for m in ['control'] + arms])
     for s in seeds:
         for st in by[('base', s)]['plateau']:
             for col, v in st['scores'].items():
@@ -130,10 +131,10 @@ def summary(folder=os.path.join(RES, 'table1')):
     fl = [st['floor']['fd'] for s in seeds for st in by[('base', s)]['plateau']]   # PLATEAU_N test digits, per stage
     out['plateau_floor'] = [float(np.mean(fl)), float(np.std(fl, ddof=1))]
     out['weights'] = {m: {k: [float(np.mean(v)), float(np.std(v, ddof=1))] for k, v in
-                          {k: [by[(m, s)]['reg_grad'][k] for s in seeds] for k in ('median_ratio', 'mean_cos_reg', 'mean_cos_nll')}.items()}
-                      for m in ['control'] + arms if all('reg_grad' in by[(m, s)] for s in seeds)}
+                          {k: [by[(m, s)]['reg_grad'][k] for s in have[m]] for k in ('median_ratio', 'mean_cos_reg', 'mean_cos_nll')}.items()}
+                      for m in ['control'] + arms if all('reg_grad' in by[(m, s)] for s in have[m])}
     for m in ['base', 'control'] + arms:
-        rs = [by[(m, s)] for s in seeds]
+        rs = [by[(m, s)] for s in (seeds if m == 'base' else have[m])]
         out['cost'][m] = dict(steps=rs[0]['steps'], train_s=float(np.mean([r.get('train_wall_s') or np.nan for r in rs])),
                               eval_s=float(np.mean([r.get('eval_wall_s') or np.nan for r in rs])))
     out['process_hours'] = sum((r.get('train_wall_s') or 0) + (r.get('eval_wall_s') or 0) for r in by.values()) / 3600
@@ -173,7 +174,8 @@ def markdown(out):
             cs = {c['col']: c for c in cells if c['arm'] == m}
             lines.append(f'| {LABEL[m]} | ' + ' | '.join(
                 f"{'+' if cs[c]['diff'] >= 0 else ''}{fmt(key, cs[c]['diff'])} [{fmt(key, cs[c]['ci'][0])}, "
-                f"{fmt(key, cs[c]['ci'][1])}]{'*' if cs[c]['p_holm'] < 0.05 else ''} p {cs[c]['p_holm']:.2g}" for c in cols) + ' |')
+                f"{fmt(key, cs[c]['ci'][1])}]{'*' if cs[c]['p_holm'] < 0.05 else ''} p {cs[c]['p_holm']:.2g}"
+                + (f" (n = {cs[c]['n']})" if cs[c]['n'] < n else '') for c in cols) + ' |')
         det = [c['min_detectable'] for c in cells]
         lines += ['', f"Smallest change this table detects (80 % power, Holm's first step): {fmt(key, min(det))} to "
                   f"{fmt(key, max(det))}.\n"]

@@ -87,15 +87,17 @@ def bold_tables(md):
 
 def claim_value(path, key):
     """The number at `key` in JSON file `path`: dotted names, a list element picked by its fields
-    (cells[arm=m0.2,S=10]); None where there is none. A dot between two digits belongs to the name."""
+    (cells[arm=m0.2,S=10]) or by position (ratio[0]); None where there is none. A dot between two digits belongs to the name."""
     try:
         node = read_json(path)
         for part in re.split(r'(?<!\d)\.|\.(?!\d)', key):   # a dot between two digits (m0.2) is part of a name
             name, _, sel = part.partition('[')
             node = node[name] if name else node
-            if sel:
+            if sel.rstrip(']').isdigit():   # a list element by position: ratio[0]
+                node = node[int(sel.rstrip(']'))]
+            elif sel:
                 want = dict(kv.split('=') for kv in sel.rstrip(']').split(','))
                 node = next(c for c in node if all(str(c.get(k)) == v for k, v in want.items()))
         return float(node)
-    except (OSError, KeyError, StopIteration, TypeError, ValueError):
+    except (OSError, KeyError, IndexError, StopIteration, TypeError, ValueError):
         return None

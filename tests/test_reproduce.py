@@ -205,6 +205,8 @@ def test_results_md_claims_and_fair_tables_check_and_sync(tmp_path):
     assert RP.claim_value(str(res / 'fair_toy.json'), 'tables.T50_laplace.cells[arm=m0.2,S=10].diff') == pytest.approx(-1e-5)
     R.write_json(res / 'x.json', {'a_m0.2_b': {'10': dict(v=3.5)}})
     assert RP.claim_value(str(res / 'x.json'), 'a_m0.2_b.10.v') == 3.5
+    R.write_json(res / 'y.json', dict(w=[0.25, 0.5]))
+    assert RP.claim_value(str(res / 'y.json'), 'w[1]') == 0.5 and RP.claim_value(str(res / 'y.json'), 'w[2]') is None
     assert RP.sync_tables(str(md), str(res)) == ['T = 50, laplace kernel']
     assert md.read_text() == good and RP.check_results(str(md), str(res)) == []   # the +2.70 table restored
 

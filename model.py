@@ -58,11 +58,21 @@ def cpu_has_native_bf16():
     except OSError:
         return False
 
+AUTO_DTYPE_ENV = 'REPRO_AUTO_DTYPE'   # fp32 / bf16: what 'auto' resolves to, whatever the hardware
+
+
 def resolve_dtype(dtype, device):
     """'auto' -> 'bf16' where the hardware computes in bf16 natively (a CUDA GPU with bf16, a CPU
-    with AVX512-BF16 / AMX / Arm BF16), else 'fp32'; 'fp32' and 'bf16' pass through."""
+    with AVX512-BF16 / AMX / Arm BF16), else 'fp32'; 'fp32' and 'bf16' pass through. The environment
+    variable REPRO_AUTO_DTYPE (fp32 or bf16) overrides the detection: the test suite runs with bf16
+    off and on by it (tests/conftest.py's --auto-dtype), and a user can by it where detection errs."""
     if dtype != 'auto':
         return dtype
+    forced = os.environ.get(AUTO_DTYPE_ENV, '')
+    if forced:
+        if forced not in ('fp32', 'bf16'):
+            raise ValueError(f'{AUTO_DTYPE_ENV}={forced!r}: set it to fp32 or bf16, or unset it')
+        return forced
     if str(device).startswith('cuda'):
         return 'bf16' if torch.cuda.is_bf16_supported() else 'fp32'
     return 'bf16' if str(device) == 'cpu' and cpu_has_native_bf16() else 'fp32'

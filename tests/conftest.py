@@ -11,6 +11,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 
 
+def pytest_addoption(parser):
+    parser.addoption('--auto-dtype', choices=('fp32', 'bf16'), default=None,
+                     help="what --dtype auto resolves to in this run, subprocesses included (model.AUTO_DTYPE_ENV): "
+                          "fp32 runs the suite with bf16 off, bf16 with it on; default: this machine's detection")
+
+
+def pytest_configure(config):
+    forced = config.getoption('--auto-dtype')
+    if forced:   # before any test or worker starts, so that subprocesses inherit it too
+        os.environ['REPRO_AUTO_DTYPE'] = forced
+
+
+def pytest_report_header(config):
+    import model
+    return f"--dtype auto resolves to {model.resolve_dtype('auto', 'cpu')} on this machine's CPU"
+
+
 @pytest.fixture(autouse=True, scope='session')
 def _one_thread():
     """Tiny models run faster on one intra-op thread, and parallel jobs do not fight over cores."""

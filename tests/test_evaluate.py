@@ -463,7 +463,10 @@ def test_sample_py_images_depend_on_their_seed_alone(tmp_path):
         sample.main(['--ckpt', run, '--n', '10', '--sample-batch', str(b), '--npz', str(tmp_path / f'{b}.npz')])
         out[b] = np.load(tmp_path / f'{b}.npz')['samples']
     sample.main(['--ckpt', run, '--n', '4', '--npz', str(tmp_path / 'four.npz')])
-    assert np.array_equal(out[3], out[7]) and np.array_equal(np.load(tmp_path / 'four.npz')['samples'], out[3][:4])
+    # the same noise per sample; the network's fp32 matrix products may round differently at another
+    # batch size (MKL picks its kernel by shape: 4e-7 relative seen here), so equal to float rounding
+    np.testing.assert_allclose(out[3], out[7], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / 'four.npz')['samples'], out[3][:4], rtol=1e-5, atol=1e-6)
 
 
 def test_errprop_on_adms_grid_with_the_time_shift_sampler(toy_runs, tmp_path):

@@ -1,6 +1,7 @@
 """The speed-ups in model.UNet (silu(temb) once, in-place adds, channels_last) leave the numbers alone:
 the optimised forward and its gradients equal a plain re-statement of DDPM's forward to float rounding."""
 import copy
+import os
 
 import pytest
 import torch
@@ -124,8 +125,21 @@ def test_cpu_has_native_bf16_is_bool():
 def test_resolve_dtype():
     from model import resolve_dtype
     assert resolve_dtype('fp32', 'cpu') == 'fp32' and resolve_dtype('bf16', 'cpu') == 'bf16'
-    assert resolve_dtype('auto', 'cpu') == ('bf16' if cpu_has_native_bf16() else 'fp32')
+    assert resolve_dtype('auto', 'cpu') == (os.environ.get('REPRO_AUTO_DTYPE') or
+                                            ('bf16' if cpu_has_native_bf16() else 'fp32'))
+
+
+def test_auto_dtype_can_be_forced_by_the_environment(monkeypatch):
+    """REPRO_AUTO_DTYPE decides what auto means (the suite's --auto-dtype); explicit dtypes pass through."""
+    from model import resolve_dtype
+    monkeypatch.delenv('REPRO_AUTO_DTYPE', raising=False)
     assert resolve_dtype('auto', 'mps') == 'fp32'
+    for forced in ('fp32', 'bf16'):
+        monkeypatch.setenv('REPRO_AUTO_DTYPE', forced)
+        assert resolve_dtype('auto', 'cpu') == forced and resolve_dtype('fp32', 'cpu') == 'fp32'
+    monkeypatch.setenv('REPRO_AUTO_DTYPE', 'fp16')
+    with pytest.raises(ValueError, match='REPRO_AUTO_DTYPE'):
+        resolve_dtype('auto', 'cpu')
 
 
 def test_bf16_network_fp32_chain():

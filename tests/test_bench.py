@@ -96,3 +96,27 @@ def test_sample_batch_rates_per_network_batch_and_compile():
     assert [(r['batch'], r['compile']) for r in rows] == [(b, c) for b in batches for c in (False, True)]
     assert all(r['model'] == 'mlp' and r['rows_per_s'] > 0 for r in rows)
     assert all(r['first_call_s'] > 0 if r['compile'] else r['first_call_s'] is None for r in rows)
+
+
+def test_eval_bench_times_every_variant_and_the_grid_does_more_work(tmp_path):
+    """--what eval --compile on a 2-step toy model (T = 20): the four variants run, each times every
+    repetition, the fast ones evaluate fewer network rows than the grid, and fast_fp32 leaves every
+    metric but the ES search's to the bit (at S <= 100 no chain is shared; the search may pick
+    another scale of an untrained model's non-unimodal grid)."""
+    run = tmp_path / 'run'
+    subprocess.run([sys.executable, 'train.py', '--dataset', '8gaussians', '--T', '20', '--toy-n', '1000',
+                    '--max-steps', '2', '--sample-every', '0', '--out-dir', str(run)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    out = tmp_path / 'eval.json'
+    r = subprocess.run([sys.executable, '-m', 'experiments.bench', '--what', 'eval', '--ckpt', str(run), '--reps', '1',
+                        '--threads', '1', '--compile', '--json', str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, REPRO_RESULTS=str(tmp_path)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    row, = json.loads(out.read_text())['eval']
+    vs = ('grid_fp32', 'fast_fp32', 'fast_default', 'fast_default_compile')
+    assert all(len(row[v]['s_reps']) == 1 and row[v]['s'] > 0 for v in vs)
+    assert all(row[v]['net_evals'] < row['grid_fp32']['net_evals'] for v in vs[1:])
+    assert row['fast_fp32']['net_evals'] == row['fast_default_compile']['net_evals']
+    moved = {k: g for k, g in row['fast_fp32']['metrics'].items() if g['max_abs_diff'] > 0}
+    assert {'mmd', 'D_MMD_gaussian', 'A'} <= set(row['fast_fp32']['metrics']) and set(moved) <= {'mmd_es', 'es_scale'}, moved

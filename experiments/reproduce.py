@@ -99,8 +99,11 @@ def job_steps(a, job):
     """Train, then evaluate over S; --reg runs also get their regulariser's perfect-model floor,
     seed 0 the regulariser's gradient fraction."""
     out, res = train_job(job, a)
-    model, diff, cfg = R.load_checkpoint(out, 'cpu', ema=True, dtype=job.get('eval_dtype', 'fp32'))
+    compile = getattr(a, 'compile', False)
+    model, diff, cfg = R.load_checkpoint(out, 'cpu', ema=True, dtype=job.get('eval_dtype', 'fp32'), compile=compile)
     res['config'], res['eval_dtype'] = cfg, diff.net_dtype
+    if compile:
+        res['eval_compile'] = True
     t0 = time.time()
     mnist = job['dataset'] == 'mnist'
     res.update(P.evaluate_steps(model, diff, cfg, n=a.mnist_n if mnist else a.n_true,
@@ -337,6 +340,8 @@ def main():
     p.add_argument('--eval', choices=('grid', 'fast'), default='grid',
                    help="grid: how results/steps was evaluated (its tables pair runs on it); fast: the ES "
                         "scale by golden-section search and shared chains (protocol.evaluate_steps), for new tables")
+    p.add_argument('--compile', action='store_true', help='torch.compile the evaluated network of the step-count jobs '
+                   '(a trace per batch shape; pays on MNIST, bf16 rounding differs slightly: docs/performance.md)')
     p.add_argument('--eval-streams', choices=P.STREAMS, default='legacy',
                    help="evaluation randomness: legacy (how results/steps was evaluated; A(t)'s first z is its x_T), "
                         'independent (x_T, chain noise, perturbation, reference draws from separate streams; use a '

@@ -58,6 +58,7 @@ def cpu_has_native_bf16():
     except OSError:
         return False
 
+
 AUTO_DTYPE_ENV = 'REPRO_AUTO_DTYPE'   # fp32 / bf16: what 'auto' resolves to, whatever the hardware
 
 

@@ -236,18 +236,18 @@ def bench_eval(a, dev):
     """--what eval: the step-count protocol's evaluation of each --ckpt (protocol.evaluate_steps with
     experiments/reproduce.py's settings) as results/steps was evaluated (fp32 network, the whole ES
     grid, separate chains), in fp32 with the fast evaluation, and in the default (--dtype auto,
-    fast), interleaved (with --compile also the default with the network compiled); per variant the wall time and network evaluations, the speed-up over the
-    first, and per reported metric the largest difference to the first beside the seed spread of
-    results/steps (--method's runs of the checkpoint's data set and T)."""
+    fast; with --compile also compiled: rep 0 traces, later reps reuse), interleaved; per variant
+    (dtype, fast, compile) each repetition's wall time, network evaluations, the speed-up over the
+    first, and per metric the largest difference to the first beside results/steps' seed spread."""
     from experiments import protocol as P
-    variants = dict(grid_fp32=('fp32', False), fast_fp32=('fp32', True), fast_default=('auto', True),
-                    **({'fast_default_compile': ('auto', True)} if a.compile else {}))   # rep 0 traces, later reps reuse
+    variants = dict(grid_fp32=('fp32', False, False), fast_fp32=('fp32', True, False), fast_default=('auto', True, False),
+                    **({'fast_default_compile': ('auto', True, True)} if a.compile else {}))
     rows = []
     for ckpt in a.ckpt:
         runs = {v: [] for v in variants}
         for rep in range(a.reps):
             for v in (list(runs) if rep % 2 == 0 else reversed(list(runs))):
-                model, diff, cfg = R.load_checkpoint(ckpt, dev, ema=True, dtype=variants[v][0], compile=v.endswith('compile'))
+                model, diff, cfg = R.load_checkpoint(ckpt, dev, ema=True, dtype=variants[v][0], compile=variants[v][2])
                 net, mnist = CountCalls(model), cfg['dataset'] == 'mnist'
                 t0 = time.perf_counter()
                 res = P.evaluate_steps(net, diff, cfg, n=256 if mnist else 1000, n_select=128 if mnist else 500,
@@ -418,8 +418,9 @@ def main(argv=None):
             print(f"\neval {r['ckpt']} ({r['dataset']}, T = {r['T']}):")
             vs = [v for v in ('grid_fp32', 'fast_fp32', 'fast_default', 'fast_default_compile') if v in r]
             for v in vs:
-                print(f"  {v:20s} ({r[v]['dtype']}): {r[v]['s']:7.1f} s (reps {', '.join(f'{s:.1f}' for s in r[v]['s_reps'])}), "
-                      f"{r[v]['net_evals']:>10,} network rows, {r[v]['speedup']:.2f}x")
+                reps = ', '.join(f'{s:.1f}' for s in r[v]['s_reps'])
+                print(f"  {v:20s} ({r[v]['dtype']}): {r[v]['s']:7.1f} s (reps {reps}), {r[v]['net_evals']:>10,} network rows, "
+                      f"{r[v]['speedup']:.2f}x")
             for v in vs[1:]:
                 show(f"{v}: largest |difference to grid_fp32| per metric, beside the seed spread ({r['seed_spread_from']})",
                      [dict(metric=k, **g) for k, g in r[v]['metrics'].items()])

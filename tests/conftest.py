@@ -18,9 +18,10 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    import model
     forced = config.getoption('--auto-dtype')
     if forced:   # before any test or worker starts, so that subprocesses inherit it too
-        os.environ['REPRO_AUTO_DTYPE'] = forced
+        os.environ[model.AUTO_DTYPE_ENV] = forced
 
 
 def pytest_report_header(config):
